@@ -1,0 +1,1 @@
+"""Benchmarks for `multimodal bench`; each module exposes `register(subparsers)`."""
