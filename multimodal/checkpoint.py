@@ -41,7 +41,9 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"No safetensors weights found in {path} (expected {NATIVE_WEIGHTS} or {SAFETENSORS_INDEX}).")
+        raise CheckpointError(
+            f"No safetensors weights found in {path} (expected {NATIVE_WEIGHTS} or {SAFETENSORS_INDEX})."
+        )
     return files
 
 

@@ -12,5 +12,5 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=64, help="INT4 group size (32, 64 or 128)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="compute dtype")
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun --nproc-per-node N)")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (under torchrun --nproc-per-node N)")
     group.add_argument("--seed", type=int, default=0, help="random seed")

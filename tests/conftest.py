@@ -1,0 +1,30 @@
+"""Shared test fixtures: seeded generators, a temporary directory per test, and the `gpu` marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # The test machines have two cores; more threads only adds contention between parallel jobs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A seeded generator so every test draws fresh but reproducible random inputs."""
+    return torch.Generator().manual_seed(1234)
