@@ -1,0 +1,176 @@
+"""The suite as one object: chat, ground, caption and draw, for the CLI, the demo and the API server.
+
+`Engine` holds two parts that share one GLM language core: the chat model (tokenizer + vision-language model, whose
+language model is the GLM) and the painter (the text-to-image pipeline, whose text encoder runs that same GLM).
+It adds no model logic: it turns user-level calls into the library's calls and the answers into what a user sees
+(text with boxes removed, pixel boxes, images).
+
+Ways to build one:
+- `Engine.load(checkpoint=None, ...)`: a suite folder (see `save`), or the models embedded in the package when no
+  checkpoint is given; `--quant`, `--device`, `--dtype` and `--tp` are applied after the weights are loaded.
+- `Engine.random_tiny(seed)`: tiny models with random weights, built in about a second. They answer gibberish, but
+  through the real code paths, so tests of the CLI, the server and the demo use them (saved with `save` when a
+  subprocess needs a checkpoint folder). They are never a default.
+
+The parts' interface, which the library's classes provide:
+- chat model: `stream(image, turns, sampling) -> Iterator[str]` (text deltas) and `answer_batch(images, turns_list,
+  sampling) -> list[str]`, where `turns` is a list of (role, text) pairs ending with the user's question.
+- painter: `__call__(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+  num_images_per_prompt, seed, callback)` -> an object with `base` and `relay` lists of PIL images, and `sizes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from multimodal.image import draw_boxes
+from vlm.grounding import parse_grounding, pixel_boxes
+
+Turn = tuple[str, str]  # (role, text): role is "user" or "assistant"
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve as asked; the message is one sentence meant for the user."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be at least 0, not {self.temperature}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], not {self.top_p}.")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    image: Image.Image | None
+    question: str
+    history: tuple[Turn, ...] = ()
+    sampling: Sampling = Sampling()
+
+
+@dataclass
+class GroundedAnswer:
+    """An answer and the boxes it names, converted to pixels of the image it was asked about."""
+
+    text: str  # as the model wrote it, boxes included
+    plain_text: str  # boxes removed
+    boxes: list[tuple[str, tuple[float, float, float, float]]]  # (phrase, (x0, y0, x1, y1) in pixels)
+    problems: list[str] = field(default_factory=list)  # malformed boxes the model wrote, one sentence each
+
+    @classmethod
+    def parse(cls, text: str, image: Image.Image | None) -> GroundedAnswer:
+        grounding = parse_grounding(text)
+        boxes = pixel_boxes(grounding, *image.size) if image is not None else []
+        return cls(text=text, plain_text=grounding.text, boxes=boxes, problems=grounding.problems)
+
+    def drawn_on(self, image: Image.Image) -> Image.Image:
+        return draw_boxes(image, self.boxes)
+
+
+@dataclass
+class Drawing:
+    prompt: str
+    seed: int
+    base: list[Image.Image]  # the low-resolution first stage
+    relay: list[Image.Image]  # the final images after the relay super-resolution stage
+
+
+class Engine:
+    def __init__(self, chat_model, painter, name: str, caption_prompt: str, grounded_caption_prompt: str,
+                 scene_maker: Callable[[int], Image.Image] | None = None):
+        self.chat_model = chat_model
+        self.painter = painter
+        self.name = name
+        self.caption_prompt = caption_prompt
+        self.grounded_caption_prompt = grounded_caption_prompt
+        self.scene_maker = scene_maker
+
+    # --- understanding -------------------------------------------------------------------------------------------
+
+    def chat_stream(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
+                    sampling: Sampling = Sampling()) -> Iterator[str]:
+        """Text deltas of the answer to `question` about `image`, after the earlier `history` turns."""
+        return self.chat_model.stream(image, _turns(question, history), sampling)
+
+    def chat(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
+             sampling: Sampling = Sampling()) -> str:
+        return "".join(self.chat_stream(image, question, history, sampling))
+
+    def chat_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
+        """Answer several independent requests; those sharing sampling settings run as one batch."""
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[Sampling, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(request.sampling, []).append(index)
+        for sampling, indices in groups.items():
+            texts = self.chat_model.answer_batch(
+                [requests[i].image for i in indices],
+                [_turns(requests[i].question, requests[i].history) for i in indices],
+                sampling,
+            )
+            for index, text in zip(indices, texts):
+                answers[index] = text
+        return answers
+
+    def ground(self, image: Image.Image, question: str, sampling: Sampling = Sampling()) -> GroundedAnswer:
+        return GroundedAnswer.parse(self.chat(image, question, sampling=sampling), image)
+
+    def caption_batch(self, images: Sequence[Image.Image], grounded: bool = False,
+                      sampling: Sampling = Sampling()) -> list[GroundedAnswer]:
+        prompt = self.grounded_caption_prompt if grounded else self.caption_prompt
+        texts = self.chat_model.answer_batch(list(images), [[("user", prompt)]] * len(images), sampling)
+        return [GroundedAnswer.parse(text, image) for text, image in zip(texts, images)]
+
+    # --- generation ----------------------------------------------------------------------------------------------
+
+    @property
+    def draw_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) pairs the painter can produce, the default first."""
+        return list(self.painter.sizes)
+
+    def draw(self, prompt: str, negative_prompt: str = "", size: tuple[int, int] | None = None,
+             steps: int | None = None, guidance_scale: float | None = None, num_images: int = 1, seed: int = 0,
+             progress: Callable[[int, int], None] | None = None) -> Drawing:
+        """Text -> base and relay images. `progress(step, total)` is called after each denoiser step."""
+        if not prompt.strip():
+            raise EngineError("The prompt is empty; describe the picture to draw.")
+        height, width = size or self.draw_sizes[0]
+        if (height, width) not in self.draw_sizes:
+            sizes = ", ".join(f"{w}x{h}" for h, w in self.draw_sizes)
+            raise EngineError(f"Size {width}x{height} is not available; this model draws {sizes}.")
+        if not 1 <= num_images <= 8:
+            raise EngineError(f"Between 1 and 8 images can be drawn at once, not {num_images}.")
+        result = self.painter(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images, seed=seed, callback=progress,
+        )
+        return Drawing(prompt=prompt, seed=seed, base=list(result.base), relay=list(result.relay))
+
+    # --- the EmojiScenes world -----------------------------------------------------------------------------------
+
+    def scene(self, seed: int) -> Image.Image:
+        """A rendered EmojiScenes scene: an image the embedded models know how to talk about."""
+        if self.scene_maker is None:
+            raise EngineError("This engine has no scene maker.")
+        return self.scene_maker(seed)
+
+
+def _turns(question: str, history: Sequence[Turn]) -> list[Turn]:
+    if not question.strip():
+        raise EngineError("The question is empty; ask something about the image.")
+    for role, _ in history:
+        if role not in ("user", "assistant"):
+            raise EngineError(f"A conversation turn has the role '{role}'; only 'user' and 'assistant' are known.")
+    return [*history, ("user", question)]
