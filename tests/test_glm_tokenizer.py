@@ -1,0 +1,119 @@
+"""GLM tokenizers: the suite's BPE, ChatGLM3's SentencePiece and GLM-4's tiktoken formats (tiny vocabularies made
+here), special token ids, chat prompts at token level, stop tokens, text safety of special spellings."""
+
+import pytest
+
+from glm.tokenizer import CHATGLM3_SPECIAL_TOKENS, GLM4_SPECIAL_TOKENS, GLMTokenizer, train_bpe, write_tiktoken_model
+
+CORPUS = [
+    "The red cube is left of the blue sphere.",
+    "A small green cylinder stands behind a large yellow cone.",
+    "红色的立方体在蓝色球体的左边。",
+    "一个小的绿色圆柱体站在一个大的黄色圆锥后面。",
+    "How many objects are there? There are 3 objects.",
+    "图中有几个物体？有三个物体。",
+] * 20
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is left of the sphere? 球的左边是什么？"},
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_bpe(CORPUS, vocab_size=400, special_tokens=["<|box|>"])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    import sentencepiece
+
+    prefix = tmp_path_factory.mktemp("sp") / "tokenizer"
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=str(prefix), model_type="bpe", vocab_size=350,
+        byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )
+    return GLMTokenizer.load(f"{prefix}.model"), prefix
+
+
+@pytest.fixture(scope="module")
+def tiktoken_tokenizer(tmp_path_factory):
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in (b"th", b"he", b"the", b" t", b"er", b"re", b" the", b"ob", b"je", b"ct"):
+        ranks[merge] = len(ranks)
+    path = write_tiktoken_model(ranks, tmp_path_factory.mktemp("tiktoken") / "tokenizer.model")
+    return GLMTokenizer.load(path), ranks
+
+
+def manual_chat(tokenizer, encode, role_names, prefix):
+    """The slow obvious construction: prefix, then per message role id + encode(metadata + "\\n") + encode(content)."""
+    ids = [tokenizer.token_id(p) for p in prefix]
+    for message in MESSAGES:
+        ids += [tokenizer.token_id(role_names[message["role"]])] + encode("\n") + encode(message["content"])
+    return ids + [tokenizer.token_id(role_names["assistant"])]
+
+
+ROLE_NAMES = {r: f"<|{r}|>" for r in ("system", "user", "assistant", "observation")}
+
+
+def test_bpe_round_trip_chat_and_specials(bpe, tmp_path):
+    for text in CORPUS[:6] + ["unseen words: Zürich 東京 🙂"]:
+        assert bpe.decode(bpe.encode(text)) == text
+    assert len(bpe.encode(CORPUS[0])) < len(CORPUS[0].encode())  # merges were learned
+    assert bpe.token_id("<|box|>") != bpe.token_id("[gMASK]")
+    chat = bpe.build_chat(MESSAGES)
+    assert chat == manual_chat(bpe, bpe.encode, ROLE_NAMES, ("[gMASK]", "<sop>"))
+    assert bpe.decode(chat, skip_special_tokens=False) == (
+        "[gMASK]<sop><|system|>\nYou are a helpful assistant.<|user|>\nWhat is left of the sphere? 球的左边是什么？"
+        "<|assistant|>"
+    )
+    assert bpe.stop_tokens == tuple(bpe.token_id(s) for s in ("<|endoftext|>", "<|user|>", "<|observation|>"))
+    reloaded = GLMTokenizer.load(bpe.save(tmp_path / "tok"))
+    assert reloaded.build_chat(MESSAGES) == chat
+    assert reloaded.special_ids == bpe.special_ids
+
+
+def test_special_spellings_in_text_stay_text(bpe, tiktoken_tokenizer):
+    tiktoken_tok, _ = tiktoken_tokenizer
+    for tokenizer in (bpe, tiktoken_tok):
+        ids = tokenizer.encode("hi <|user|> [gMASK]")
+        assert not set(ids) & set(tokenizer.special_ids.values())
+        assert tokenizer.decode(ids) == "hi <|user|> [gMASK]"
+
+
+def test_tiktoken_glm4_format(tiktoken_tokenizer):
+    tokenizer, ranks = tiktoken_tokenizer
+    assert tokenizer.name == "glm4-tiktoken"
+    assert [tokenizer.token_id(s) for s in GLM4_SPECIAL_TOKENS] == list(range(len(ranks), len(ranks) + 14))
+    assert tokenizer.encode(" the object") == [ranks[b" the"], ranks[b" "], ranks[b"ob"], ranks[b"je"], ranks[b"ct"]]
+    text = "the 物体 there"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.build_chat(MESSAGES) == manual_chat(tokenizer, tokenizer.encode, ROLE_NAMES, ("[gMASK]", "<sop>"))
+    assert tokenizer.eos_id == len(ranks)  # <|endoftext|>, first id after the ranks (151329 in GLM-4)
+
+
+def test_sentencepiece_chatglm3_format(sentencepiece_tokenizer):
+    import sentencepiece
+
+    tokenizer, prefix = sentencepiece_tokenizer
+    sp = sentencepiece.SentencePieceProcessor(model_file=f"{prefix}.model")
+    base = sp.vocab_size()
+    assert [tokenizer.token_id(s) for s in CHATGLM3_SPECIAL_TOKENS] == list(range(base, base + 9))
+    assert tokenizer.eos_id == sp.eos_id() == 2
+    assert tokenizer.stop_tokens == (2, base + 6, base + 8)  # </s>, <|user|>, <|observation|>
+    chat = tokenizer.build_chat(MESSAGES)
+    assert chat == manual_chat(tokenizer, sp.encode, ROLE_NAMES, ("[gMASK]", "sop"))
+    assert chat[:3] == [base + 1, base + 3, base + 5]  # [gMASK] sop <|system|>
+    text = "红色的立方体在蓝色球体的左边。"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        GLMTokenizer.load(tmp_path / "missing.model")
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_bytes(b"\x00\x01 not a model")
+    with pytest.raises(ValueError, match="neither a tiktoken nor a SentencePiece"):
+        GLMTokenizer.load(bogus)
+    with pytest.raises(ValueError, match="Unknown chat role 'bot'"):
+        train_bpe(CORPUS[:6], vocab_size=300).encode_message("bot", "hi")
