@@ -23,8 +23,9 @@ from multimodal.image import draw_boxes
 Box = tuple[int, int, int, int]  # per mille: x0, y0, x1, y1 in 0..999
 PixelBox = tuple[float, float, float, float]
 
-# `[^\[\]]` keeps the match linear on hostile input (no nested brackets, no backtracking across boxes).
-_BOX_GROUP = re.compile(r"\[\[([^\[\]]*)\]\]")
+# Boxes inside one group are joined by `];[`; `[^\[\]]` cannot match the separator's `]`, so the pattern never
+# backtracks ambiguously and stays linear on hostile input.
+_BOX_GROUP = re.compile(r"\[\[([^\[\]]*(?:\];\[[^\[\]]*)*)\]\]")
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
 # A phrase starts after the last clause break before its boxes.
 _CLAUSE_BREAK = re.compile(r"[.!?;:,\n]")
@@ -84,6 +85,7 @@ def parse_grounding(text: str) -> Grounding:
         pieces.append(before)
         boxes = []
         for body in match.group(1).split(";"):
+            body = body.strip().removeprefix("[").removesuffix("]")
             try:
                 boxes.append(parse_box(body))
             except ValueError as error:
