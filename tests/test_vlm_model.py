@@ -30,8 +30,10 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(chr(i - 20 + 32) for i in ids if 20 <= i < 115)
 
-    def token_to_id(self, name):
-        return self.SPECIALS.index(name) if name in self.SPECIALS else None
+    def token_id(self, name):
+        if name not in self.SPECIALS:
+            raise ValueError(f"Unknown special token {name!r}.")
+        return self.SPECIALS.index(name)
 
 
 def build(preset: str, seed: int = 0) -> VisionLanguageModel:

@@ -131,7 +131,7 @@ class Processor:
     """Builds model inputs from (image, question, history) with a tokenizer and a VLM config.
 
     The tokenizer needs `encode(text) -> list[int]` (no special tokens added), `decode(ids) -> str` and
-    `token_to_id(name) -> int | None` for special tokens.
+    `token_id(name) -> int` for special tokens, raising ValueError for unknown ones (as `glm.tokenizer.GLMTokenizer`).
     """
 
     def __init__(self, tokenizer, config: VLMConfig, template: str | None = None, pad_id: int = 0):
@@ -143,10 +143,11 @@ class Processor:
         self.pad_id = pad_id
 
     def special_id(self, name: str) -> int:
-        token = self.tokenizer.token_to_id(name)
-        if token is None:
-            raise ValueError(f"The tokenizer has no special token {name!r}; the '{self.template}' template needs it.")
-        return token
+        try:
+            return self.tokenizer.token_id(name)
+        except ValueError:
+            message = f"The tokenizer has no special token {name!r}; the '{self.template}' template needs it."
+            raise ValueError(message) from None
 
     def prompt_ids(self, query: str, history: Sequence[Turn] = (), with_image: bool = True) -> tuple[list, list]:
         """Token ids before and after the image for one conversation."""
