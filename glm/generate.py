@@ -1,0 +1,185 @@
+"""Text generation for GLMModel: prefill + decode with a static KV cache, sampling, stop tokens, streaming, batching.
+
+The pieces are free functions in the order they run: `prepare_batch` left-pads prompts (positions [0]*pad +
+range(n), pads masked), `prefill` runs the prompts once and fills the cache, `decode_one_token` advances every row by
+one token, `process_logits` applies repetition penalty, temperature, top-k and top-p (transformers' order), `sample`
+picks a token per row. `generate_tokens` is the streaming iterator they make together; `generate` collects it and
+`stream_text` turns it into text deltas. Sampling draws from one `torch.Generator` per row, seeded `seed + row`, with
+the exponential-race trick, so a row's text depends on its seed only, not on the batch it runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from glm.model import GLMModel, KVCache
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    stop_tokens: tuple[int, ...] = ()  # generation of a row ends at the first of these (not included)
+    seed: int = 0  # row i samples with a generator seeded seed + i
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Batch:
+    """Left-padded prompts and the bookkeeping decode needs."""
+
+    ids: torch.Tensor  # [B, W] prompt tokens, left-padded with 0
+    positions: torch.Tensor  # [B, W] [0]*pad + range(len)
+    valid: torch.Tensor  # [B, W + max_new] key validity over all cache slots; new slots become True as written
+    lengths: torch.Tensor  # [B] prompt lengths
+    padded: bool  # any padding at all (otherwise no mask is needed)
+
+
+def prepare_batch(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int, device=None) -> Batch:
+    """Left-pad token lists; raise a clear error for empty prompts or prompts that do not fit the context."""
+    if not prompts:
+        raise ValueError("No prompts given.")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("A prompt is empty; every prompt needs at least one token.")
+    width = max(lengths)
+    if width >= context:
+        raise ValueError(f"A prompt of {width} tokens does not fit the model's context of {context} tokens.")
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width + max_new_tokens, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        valid[row, width - len(prompt) :] = True  # prompt slots and every future slot
+    positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), positions.to(device), valid.to(device), torch.as_tensor(lengths, device=device),
+                 padded=min(lengths) != width)
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, config: SamplingConfig) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k, top-p on logits [B, V] (float32); removed tokens become -inf."""
+    if config.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * config.repetition_penalty, logits / config.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if config.greedy:
+        return logits
+    logits = logits / config.temperature
+    if config.top_k is not None and config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p is not None and config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = before > config.top_p  # keep the smallest prefix reaching top_p (always the first token)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row [B] from processed logits [B, V]: argmax when greedy, else an exponential race per row."""
+    if config.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    race = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generators])  # [B, V]
+    return (probs / race).argmax(-1)
+
+
+def prefill(model: GLMModel, batch: Batch, cache: list[KVCache]) -> torch.Tensor:
+    """Run the prompts, fill the cache slots [0, W); return the last position's logits [B, V]."""
+    width = batch.ids.shape[1]
+    mask = batch.valid[:, :width] if batch.padded else None
+    logits = model(batch.ids, positions=batch.positions, cache=cache, attention_mask=mask, last_only=True)
+    return logits[:, -1].float()
+
+
+def decode_one_token(model: GLMModel, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
+                     cache: list[KVCache], valid: torch.Tensor | None) -> torch.Tensor:
+    """Feed tokens [B] at positions [B] into cache slot `slot`; return the next logits [B, V]."""
+    mask = valid[:, : slot + 1] if valid is not None else None
+    logits = model(tokens[:, None], positions=positions[:, None], cache=cache, cache_start=slot, attention_mask=mask)
+    return logits[:, -1].float()
+
+
+@torch.inference_mode()
+def generate_tokens(model: GLMModel, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> Iterator[list]:
+    """Stream: yield one list per step with the new token of every row, or None for rows already stopped.
+
+    A row stops at a stop token (not yielded) or after max_new_tokens; generation also ends at the model's context.
+    """
+    context = model.config.max_seq_len
+    width = max(len(p) for p in prompts) if prompts else 0
+    max_new = max(0, min(config.max_new_tokens, context - width))
+    batch = prepare_batch(prompts, max_new, context, model.device)
+    size = batch.ids.shape[0]
+    cache = model.allocate_cache(size, width + max_new)
+    generators = None
+    if not config.greedy:
+        generators = [torch.Generator(model.device).manual_seed(config.seed + row) for row in range(size)]
+    seen = None
+    if config.repetition_penalty != 1.0:
+        seen = torch.zeros(size, model.config.vocab_size, dtype=torch.bool, device=model.device)
+        seen.scatter_(1, batch.ids, batch.valid[:, :width])
+    stops = torch.as_tensor(config.stop_tokens, dtype=torch.long, device=model.device)
+    alive = torch.ones(size, dtype=torch.bool, device=model.device)
+    valid = batch.valid if batch.padded else None
+    if max_new == 0:
+        return
+    logits = prefill(model, batch, cache)
+    for step in range(max_new):
+        tokens = sample(process_logits(logits, seen, config), config, generators)  # [B]
+        alive &= ~torch.isin(tokens, stops)
+        if not alive.any():
+            return
+        yield [int(t) if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
+        if step + 1 == max_new:
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        logits = decode_one_token(model, tokens, batch.lengths + step, width + step, cache, valid)
+
+
+def generate(model: GLMModel, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> list[list[int]]:
+    """Generated token ids per prompt (stop tokens excluded)."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, config):
+        for row, token in enumerate(step):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+def stream_text(model: GLMModel, tokenizer, prompt: Sequence[int], config: SamplingConfig) -> Iterator[str]:
+    """Yield text deltas for one prompt; a delta is held back while it ends inside an incomplete UTF-8 character."""
+    tokens: list[int] = []
+    emitted = ""
+    for step in generate_tokens(model, [prompt], config):
+        tokens.append(step[0])
+        text = tokenizer.decode(tokens)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted) and text.startswith(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    text = tokenizer.decode(tokens)
+    if text != emitted and text.startswith(emitted):
+        yield text[len(emitted) :]
