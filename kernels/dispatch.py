@@ -1,0 +1,107 @@
+"""One place that picks the matmul path for quantized weights, by device and shape, with an override for tests.
+
+Backends:
+- "reference": dequantize to float32 and matmul (any device, any shape; slow, the ground truth).
+- "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+- "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+- "auto": Triton on CUDA when Triton is installed, the fused kernel on CPU when the shape allows it, otherwise the
+  reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16; int8 in bfloat16: K not a multiple
+  of 8) silently takes the reference path, so no model crashes on an odd projection; it is only slower there.
+  Forcing "cpu" on such a shape is a ValueError.
+
+The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The bias is not handled here:
+the modules in `multimodal/quantize.py` add it after the fused matmul.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kernels.int4 import (
+    cpu_int4pack_supported,
+    from_cpu_int4pack,
+    int4_matmul_cpu,
+    int4_matmul_ref,
+    to_cpu_int4pack,
+)
+from kernels.int8 import cpu_int8pack_supported, int8_matmul_cpu, int8_matmul_ref
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """x [..., K] @ (weight int8 [N, K] * scales [N]).T -> [..., N]."""
+    _check_backend(backend)
+    in_features = x.shape[-1]
+    if backend == "auto":
+        if x.is_cuda and triton_available():
+            backend = "triton"
+        elif x.device.type == "cpu" and cpu_int8pack_supported(in_features, x.dtype):
+            backend = "cpu"
+        else:
+            backend = "reference"
+    if backend == "cpu" and not cpu_int8pack_supported(in_features, x.dtype):
+        raise ValueError(f"The fused CPU int8 kernel needs in_features divisible by 8 in bfloat16; got {in_features}.")
+    flat = x.reshape(-1, in_features)  # [M, K]
+    if backend == "triton":
+        from kernels.triton_int8 import int8_matmul_triton
+
+        out = int8_matmul_triton(flat, weight, scales)
+    elif backend == "cpu":
+        out = int8_matmul_cpu(flat.contiguous(), weight, scales)
+    else:
+        out = int8_matmul_ref(flat, weight, scales)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales_and_zeros: torch.Tensor,
+    group_size: int,
+    layout: str = CANONICAL,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x [..., K] @ dequantized(weight uint8 [N, K/2] in `layout`, scales_and_zeros [K/G, N, 2]).T -> [..., N]."""
+    _check_backend(backend)
+    out_features = weight.shape[0]
+    in_features = x.shape[-1]
+    if backend == "auto":
+        if x.is_cuda and triton_available():
+            backend = "triton"
+        elif x.device.type == "cpu" and cpu_int4pack_supported(out_features, in_features, group_size):
+            backend = "cpu"
+        else:
+            backend = "reference"
+    if backend == "cpu" and not cpu_int4pack_supported(out_features, in_features, group_size):
+        raise ValueError(
+            f"The fused CPU int4 kernel needs out_features divisible by 16 and in_features by the group size; "
+            f"got {out_features} x {in_features} with group size {group_size}."
+        )
+    # Each backend reads one layout; converting here is slow and only happens when a test forces a backend.
+    if backend == "cpu" and layout == CANONICAL:
+        weight, layout = to_cpu_int4pack(weight), CPU_TILED
+    elif backend != "cpu" and layout == CPU_TILED:
+        weight, layout = from_cpu_int4pack(weight), CANONICAL
+    flat = x.reshape(-1, in_features)  # [M, K]
+    if backend == "triton":
+        from kernels.triton_int4 import int4_matmul_triton
+
+        out = int4_matmul_triton(flat, weight, scales_and_zeros, group_size)
+    elif backend == "cpu":
+        out = int4_matmul_cpu(flat.contiguous(), weight, scales_and_zeros, group_size)
+    else:
+        out = int4_matmul_ref(flat, weight, scales_and_zeros, group_size)
+    return out.reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,82 @@
+"""W4A16 weight-only matmul: 4-bit weights, group-wise asymmetric scales and zeros along the input dimension.
+
+Canonical (checkpoint) format, independent of the device:
+- `weight` uint8 [N, K / 2]: two 4-bit values q in [0, 15] per byte; column 2j in the low nibble, 2j+1 in the high.
+- `scales_and_zeros` float [K / G, N, 2]: for the group g = k // G of output row n, the float weight is
+  `(q - 8) * scale + zero` (the zero point lives in the float domain, as in torch's tinygemm kernels).
+
+torch's fused CPU kernel wants its own tiled nibble order; `to_cpu_int4pack` converts at load time and
+`from_cpu_int4pack` converts back when a CPU-resident model is saved. The Triton kernel (`kernels/triton_int4.py`)
+reads the canonical format directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch's CPU packing interleaves rows in tiles of 32, with one tile of 16 allowed at the end.
+CPU_ROW_MULTIPLE = 16
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] integers in [0, 15] (K even) -> uint8 [N, K / 2], even columns in the low nibble."""
+    values = values.to(torch.uint8)
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K / 2] -> uint8 [N, K] with values in [0, 15]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Canonical int4 -> float [N, K]."""
+    values = unpack_int4(packed).to(torch.float32)  # [N, K]
+    scales = scales_and_zeros[..., 0].to(torch.float32).T.repeat_interleave(group_size, dim=1)  # [N, K]
+    zeros = scales_and_zeros[..., 1].to(torch.float32).T.repeat_interleave(group_size, dim=1)  # [N, K]
+    return ((values - 8) * scales + zeros).to(dtype)
+
+
+def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """The obvious version: dequantize to float32, matmul in float32, round once to x's dtype. x [M, K] -> [M, N]."""
+    return (x.to(torch.float32) @ dequantize_int4(packed, scales_and_zeros, group_size).T).to(x.dtype)
+
+
+def cpu_int4pack_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Shapes torch's fused CPU int4 kernel accepts; others take the reference path."""
+    return out_features % CPU_ROW_MULTIPLE == 0 and in_features % group_size == 0
+
+
+def to_cpu_int4pack(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K / 2] -> torch's CPU tile layout, uint8 [N, K / 2]."""
+    # The CPU op ignores inner_k_tiles (a CUDA tiling parameter) but still takes it.
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 2)
+
+
+def from_cpu_int4pack(cpu_packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_cpu_int4pack`.
+
+    torch's layout: rows go in tiles of 32; inside a tile, byte k * 16 + i holds row i in its low nibble and row
+    16 + i in its high nibble. A last tile of 16 rows instead holds rows 2i and 2i + 1 in byte k * 8 + i.
+    """
+    rows, half_k = cpu_packed.shape
+    in_features = 2 * half_k
+    full_rows = rows // 32 * 32
+    parts = []
+    if full_rows:
+        tiles = cpu_packed[:full_rows].reshape(full_rows // 32, in_features, 16)  # [T, K, 16]
+        values = torch.cat([tiles & 0xF, tiles >> 4], dim=2)  # [T, K, 32]
+        parts.append(values.transpose(1, 2).reshape(full_rows, in_features))
+    if rows > full_rows:
+        tail = cpu_packed[full_rows:].reshape(in_features, 8)  # [K, 8]
+        values = torch.stack([tail & 0xF, tail >> 4], dim=2).reshape(in_features, 16)  # [K, 16]
+        parts.append(values.T)
+    return pack_int4(torch.cat(parts))
+
+
+def int4_matmul_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """torch's fused CPU kernel on weights already in its tile layout (`to_cpu_int4pack`). x [M, K] -> [M, N]."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu_packed, group_size, scales_and_zeros.to(x.dtype))

@@ -1,0 +1,143 @@
+"""The quantized matmul paths against their references: torch's fused CPU kernels, the layouts, the dispatch."""
+
+import pytest
+import torch
+
+from kernels.dispatch import CANONICAL, CPU_TILED, int4_linear, int8_linear
+from kernels.int4 import (
+    dequantize_int4,
+    from_cpu_int4pack,
+    int4_matmul_cpu,
+    int4_matmul_ref,
+    pack_int4,
+    to_cpu_int4pack,
+    unpack_int4,
+)
+from kernels.int8 import dequantize_int8, int8_matmul_cpu, int8_matmul_ref
+
+
+def _tolerance(dtype, reference):
+    # The fused kernels round products/partial sums in the activation dtype; the reference rounds once.
+    relative = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    return relative * reference.float().abs().max().item() + 1e-6
+
+
+def _random_int8(out_features, in_features, generator):
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, generator=generator) * 0.02 + 1e-3
+    return weight, scales
+
+
+def _random_int4(out_features, in_features, group_size, generator):
+    values = torch.randint(0, 16, (out_features, in_features), generator=generator)
+    scales_and_zeros = torch.randn(in_features // group_size, out_features, 2, generator=generator) * 0.05
+    return pack_int4(values), scales_and_zeros
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features", [(1, 64, 128), (5, 17, 40), (8, 96, 256), (3, 1, 8)])
+def test_int8_fused_cpu_matches_reference(rows, out_features, in_features, dtype):
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    weight, scales = _random_int8(out_features, in_features, generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    reference = int8_matmul_ref(x, weight, scales)
+    fused = int8_matmul_cpu(x, weight, scales)
+    assert fused.dtype == dtype and fused.shape == (rows, out_features)
+    assert (fused.float() - reference.float()).abs().max().item() <= _tolerance(dtype, reference)
+
+
+def test_int8_odd_in_features():
+    generator = torch.Generator().manual_seed(6)
+    weight, scales = _random_int8(17, 33, generator)
+    x = torch.randn(5, 33, generator=generator)
+    reference = int8_matmul_ref(x, weight, scales)
+    assert (int8_matmul_cpu(x, weight, scales) - reference).abs().max().item() <= _tolerance(torch.float32, reference)
+    # bfloat16 with K % 8 != 0 would crash torch's kernel: auto falls back, forcing it is a clear error.
+    x16 = x.to(torch.bfloat16)
+    torch.testing.assert_close(int8_linear(x16, weight, scales), int8_matmul_ref(x16, weight, scales))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        int8_linear(x16, weight, scales, backend="cpu")
+
+
+def test_int8_reference_is_the_dequantized_linear():
+    generator = torch.Generator().manual_seed(1)
+    weight, scales = _random_int8(24, 40, generator)
+    x = torch.randn(4, 40, generator=generator, dtype=torch.float64)
+    expected = x @ (weight.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(int8_matmul_ref(x.float(), weight, scales).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dequantize_int8(weight, scales), weight.float() * scales[:, None])
+
+
+def test_int4_pack_unpack_round_trip_and_nibble_order():
+    generator = torch.Generator().manual_seed(2)
+    values = torch.randint(0, 16, (5, 12), generator=generator)
+    packed = pack_int4(values)
+    assert packed.shape == (5, 6) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), values.to(torch.uint8))
+    assert torch.equal(packed[:, 0], (values[:, 0] + 16 * values[:, 1]).to(torch.uint8))  # even column low nibble
+
+
+@pytest.mark.parametrize("out_features", [16, 48, 64, 80, 160])
+@pytest.mark.parametrize("in_features", [32, 96])
+def test_cpu_tile_layout_inverts_torch_packing(out_features, in_features):
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    packed = pack_int4(torch.randint(0, 16, (out_features, in_features), generator=generator))
+    tiled = to_cpu_int4pack(packed)
+    assert not torch.equal(tiled, packed)  # the layouts really differ, so the inverse is doing work
+    assert torch.equal(from_cpu_int4pack(tiled), packed)
+
+
+def test_int4_dequantize_formula():
+    generator = torch.Generator().manual_seed(3)
+    packed, scales_and_zeros = _random_int4(8, 64, 32, generator)
+    values = unpack_int4(packed).double()
+    row, column = 5, 40  # group 1
+    scale, zero = scales_and_zeros[1, row].double()
+    expected = (values[row, column] - 8) * scale + zero
+    assert dequantize_int4(packed, scales_and_zeros, 32, torch.float64)[row, column].item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows,out_features,in_features,group_size",
+    [(1, 64, 128, 32), (7, 48, 192, 64), (2, 16, 128, 128), (9, 112, 96, 32)],
+)
+def test_int4_fused_cpu_matches_reference(rows, out_features, in_features, group_size, dtype):
+    generator = torch.Generator().manual_seed(rows * 7 + out_features)
+    packed, scales_and_zeros = _random_int4(out_features, in_features, group_size, generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    reference = int4_matmul_ref(x, packed, scales_and_zeros, group_size)
+    fused = int4_matmul_cpu(x, to_cpu_int4pack(packed), scales_and_zeros, group_size)
+    assert fused.dtype == dtype and fused.shape == (rows, out_features)
+    assert (fused.float() - reference.float()).abs().max().item() <= _tolerance(dtype, reference)
+
+
+def test_dispatch_handles_leading_dims_and_every_backend_agrees():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 64, generator=generator)
+    weight8, scales = _random_int8(32, 64, generator)
+    outputs = [int8_linear(x, weight8, scales, backend) for backend in ("auto", "cpu", "reference")]
+    assert outputs[0].shape == (2, 3, 32)
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-5)
+    packed, scales_and_zeros = _random_int4(32, 64, 32, generator)
+    tiled = to_cpu_int4pack(packed)
+    reference = int4_linear(x, packed, scales_and_zeros, 32, CANONICAL, "reference")
+    for weight, layout in ((packed, CANONICAL), (tiled, CPU_TILED)):
+        for backend in ("auto", "cpu", "reference"):
+            out = int4_linear(x, weight, scales_and_zeros, 32, layout, backend)
+            torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_odd_rows_fall_back_to_reference_and_forcing_the_fused_kernel_is_a_clear_error():
+    generator = torch.Generator().manual_seed(5)
+    packed, scales_and_zeros = _random_int4(17, 64, 32, generator)  # 17 rows: the fused CPU kernel refuses
+    x = torch.randn(3, 64, generator=generator)
+    out = int4_linear(x, packed, scales_and_zeros, 32)
+    torch.testing.assert_close(out, int4_matmul_ref(x, packed, scales_and_zeros, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        int4_linear(x, packed, scales_and_zeros, 32, backend="cpu")
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        int4_linear(x, packed, scales_and_zeros, 32, backend="cuda")
