@@ -1,0 +1,1 @@
+"""Vision-language models: EVA2-CLIP ViT, GLU adapter, GLM core with visual experts, processor, grounding, chat."""
