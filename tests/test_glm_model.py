@@ -202,3 +202,19 @@ def test_presets_and_parameter_counts():
     assert param_count(PRESETS["tiny"]) == GLMModel(PRESETS["tiny"]).num_parameters()
     with pytest.raises(ValueError, match="Unknown preset 'nope'; known: .*chatglm3-6b"):
         GLMConfig.from_preset("nope")
+
+
+def test_convert_command_writes_our_native_format(pair, tmp_path, capsys):
+    from multimodal.cli import main
+
+    hf, ours = pair
+    thudm_copy(hf, tmp_path / "thudm", rope_ratio=500)
+    assert main(["convert", str(tmp_path / "thudm"), str(tmp_path / "native"), "--dtype", "bfloat16"]) == 0
+    assert "thudm format" in capsys.readouterr().out
+    native = load_glm(tmp_path / "native")
+    assert native.config == ours.config
+    assert native.embed.weight.dtype == torch.bfloat16
+    for key, tensor in native.state_dict().items():
+        assert torch.equal(tensor, ours.state_dict()[key].to(torch.bfloat16)), key
+    assert main(["convert", str(tmp_path / "thudm"), str(tmp_path / "x"), "--format", "hf"]) == 1
+    assert "model_type 'chatglm'; only 'glm' is supported" in capsys.readouterr().err
