@@ -22,12 +22,20 @@ The parts' interface, which the library's classes provide:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import torch
 from PIL import Image
 
 from multimodal.image import draw_boxes
 from vlm.grounding import parse_grounding, pixel_boxes
+
+VLM_FOLDER = "vlm"  # a suite folder: the VLM (with its tokenizer) ...
+DIFFUSION_FOLDER = "diffusion"  # ... and the text-to-image pipeline, whose text encoder is the VLM's GLM
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_TEXTS = ["Describe the image.", "Describe the image with boxes.", "Where is the dog?", "a dog with a hat",
+              "a cat wearing sunglasses on a blue background", "two apples and a car", "一只戴帽子的狗"]
 
 Turn = tuple[str, str]  # (role, text): role is "user" or "assistant"
 
@@ -88,6 +96,8 @@ class Drawing:
 
 
 class Engine:
+    """See the module docstring; build with `load`, `from_args` or `random_tiny`."""
+
     def __init__(self, chat_model, painter, name: str, caption_prompt: str, grounded_caption_prompt: str,
                  scene_maker: Callable[[int], Image.Image] | None = None):
         self.chat_model = chat_model
@@ -96,6 +106,95 @@ class Engine:
         self.caption_prompt = caption_prompt
         self.grounded_caption_prompt = grounded_caption_prompt
         self.scene_maker = scene_maker
+
+    # --- building ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_parts(cls, chat_model, painter, name: str) -> Engine:
+        """An engine over already built parts, with the EmojiScenes prompts and scenes."""
+        from multimodal.world import CAPTION_PROMPTS, GROUNDED_PROMPTS, make_scene, render
+
+        if getattr(chat_model.processor, "template", "suite") == "suite":
+            caption, grounded = CAPTION_PROMPTS["en"], GROUNDED_PROMPTS["en"]
+        else:  # real CogVLM-family checkpoints were trained with these
+            from vlm.processor import GROUNDED_CAPTION_PROMPT
+
+            caption, grounded = "Describe the image.", GROUNDED_CAPTION_PROMPT
+        return cls(chat_model, painter, name, caption, grounded, scene_maker=lambda seed: render(make_scene(seed)))
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, quant: str = "none", group_size: int = 64,
+             device: str = "cpu", dtype: str = "float32", tp: int = 1) -> Engine:
+        """A suite folder (`vlm/` and optionally `diffusion/`), a lone VLM folder (no drawing), or the embedded
+        models when `checkpoint` is None."""
+        from diffusion.pipeline import load_relay_pipeline
+        from diffusion.text_encoder import GLMTextEncoder
+        from glm.tokenizer import GLMTokenizer
+        from multimodal.assets import ASSETS_DIR
+        from vlm.chat import VLMChat
+        from vlm.convert import load_vlm
+
+        if dtype not in DTYPES:
+            raise EngineError(f"Unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
+        folder = Path(checkpoint) if checkpoint is not None else ASSETS_DIR
+        if checkpoint is None and not (folder / VLM_FOLDER / "config.json").exists():
+            raise EngineError("This installation has no embedded models yet; pass --checkpoint FOLDER (a suite "
+                              "folder with vlm/ and diffusion/) or train them with `multimodal train`.")
+        if not folder.exists():
+            raise EngineError(f"The checkpoint {folder} does not exist.")
+        vlm_folder = folder / VLM_FOLDER if (folder / VLM_FOLDER).is_dir() else folder
+        model = load_vlm(vlm_folder, dtype=DTYPES[dtype], device=device)
+        tokenizer = GLMTokenizer.load(vlm_folder if (vlm_folder / "tokenizer.json").exists() or
+                                      (vlm_folder / "tokenizer.model").exists() else folder)
+        painter = None
+        if (folder / DIFFUSION_FOLDER).is_dir():
+            painter = load_relay_pipeline(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, tokenizer),
+                                          device=device, dtype=DTYPES[dtype])
+        _apply_quant_and_tp(model, painter, quant, group_size, tp, device)
+        name = "glm-multimodal-emoji" if checkpoint is None else folder.resolve().name
+        return cls.from_parts(VLMChat(model, tokenizer), painter, name)
+
+    @classmethod
+    def from_args(cls, args) -> Engine:
+        """From the shared model options (`multimodal/commands/_options.py`)."""
+        torch.manual_seed(args.seed)
+        return cls.load(args.checkpoint, args.quant, args.group_size, args.device, args.dtype, args.tp)
+
+    @classmethod
+    def random_tiny(cls, seed: int = 0) -> Engine:
+        """Tiny models with random weights and a tiny tokenizer: real code paths, gibberish answers, flat-ish
+        pictures. For tests of the layers above the models (and, saved with `save`, of commands in subprocesses)."""
+        from diffusion.denoiser import DiT, dit_config
+        from diffusion.pipeline import RelayConfig, RelayPipeline
+        from diffusion.text_encoder import GLMTextEncoder
+        from glm.tokenizer import train_bpe
+        from vlm.chat import VLMChat
+        from vlm.model import VisionLanguageModel, VLMConfig
+
+        tokenizer = train_bpe(TINY_TEXTS, vocab_size=320)
+        preset = VLMConfig.from_preset("tiny")
+        config = replace(preset, text=replace(preset.text, vocab_size=tokenizer.vocab_size))
+        generator = torch.Generator().manual_seed(seed)
+        model = VisionLanguageModel(config).init_weights(generator=generator).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            base = DiT(dit_config("tiny", text_dim=config.text.hidden_size))
+            relay = DiT(dit_config("tiny", text_dim=config.text.hidden_size))
+        painter = RelayPipeline(GLMTextEncoder.from_tokenizer(model, tokenizer), base, relay,
+                                RelayConfig(sizes=((32, 32), (16, 16)), base_steps=4, relay_steps=3))
+        return cls.from_parts(VLMChat(model, tokenizer), painter, "random-tiny")
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a suite folder that `load` reads: `vlm/` (weights, config, tokenizer) and `diffusion/`."""
+        from diffusion.pipeline import save_relay_pipeline
+        from vlm.convert import save_vlm
+
+        folder = Path(folder)
+        save_vlm(self.chat_model.model, folder / VLM_FOLDER)
+        self.chat_model.tokenizer.save(folder / VLM_FOLDER / "tokenizer.json")
+        if self.painter is not None:
+            save_relay_pipeline(folder / DIFFUSION_FOLDER, self.painter.base, self.painter.relay, self.painter.config)
+        return folder
 
     # --- understanding -------------------------------------------------------------------------------------------
 
@@ -109,11 +208,14 @@ class Engine:
         return "".join(self.chat_stream(image, question, history, sampling))
 
     def chat_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
-        """Answer several independent requests; those sharing sampling settings run as one batch."""
+        """Answer several independent requests; those with an image and the same sampling run as one batch."""
         answers: list[str | None] = [None] * len(requests)
         groups: dict[Sampling, list[int]] = {}
         for index, request in enumerate(requests):
-            groups.setdefault(request.sampling, []).append(index)
+            if request.image is None:  # text-only rows have no image slot to align; they run alone
+                answers[index] = self.chat(None, request.question, request.history, request.sampling)
+            else:
+                groups.setdefault(request.sampling, []).append(index)
         for sampling, indices in groups.items():
             texts = self.chat_model.answer_batch(
                 [requests[i].image for i in indices],
@@ -137,13 +239,15 @@ class Engine:
 
     @property
     def draw_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) pairs the painter can produce, the default first."""
-        return list(self.painter.sizes)
+        """(height, width) pairs the painter can produce, the default first; none without a painter."""
+        return list(self.painter.sizes) if self.painter is not None else []
 
     def draw(self, prompt: str, negative_prompt: str = "", size: tuple[int, int] | None = None,
              steps: int | None = None, guidance_scale: float | None = None, num_images: int = 1, seed: int = 0,
              progress: Callable[[int, int], None] | None = None) -> Drawing:
         """Text -> base and relay images. `progress(step, total)` is called after each denoiser step."""
+        if self.painter is None:
+            raise EngineError(f"The model '{self.name}' has no text-to-image stage; load a suite with diffusion/.")
         if not prompt.strip():
             raise EngineError("The prompt is empty; describe the picture to draw.")
         height, width = size or self.draw_sizes[0]
@@ -174,3 +278,22 @@ def _turns(question: str, history: Sequence[Turn]) -> list[Turn]:
         if role not in ("user", "assistant"):
             raise EngineError(f"A conversation turn has the role '{role}'; only 'user' and 'assistant' are known.")
     return [*history, ("user", question)]
+
+
+def _apply_quant_and_tp(model, painter, quant: str, group_size: int, tp: int, device: str) -> None:
+    """Weight-only quantization and tensor parallelism, as passes over the loaded models (the GLM is shared, so
+    the text encoder follows the VLM)."""
+    from multimodal.quantize import QuantSpec, quantize_linear, quantize_model
+
+    spec = None if quant == "none" else QuantSpec(quant, group_size)
+    models = [model] + ([painter.base, painter.relay] if painter is not None else [])
+    if tp > 1:
+        from multimodal.tp import maybe_init_distributed, shard_model
+
+        maybe_init_distributed(tp, device)
+        quantize = None if spec is None else (lambda linear, name: quantize_linear(linear, spec, name))
+        for part in models:
+            shard_model(part, quantize=quantize)
+    elif spec is not None:
+        for part in models:
+            quantize_model(part, spec)

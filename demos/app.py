@@ -1,0 +1,177 @@
+"""The Gradio demo: chat about an image with grounded boxes, draw from a prompt, caption a pile of files.
+
+Tabs:
+- Chat & ground: upload an image (or make an EmojiScenes scene), ask; the answer streams in and the boxes it names
+  are drawn over the image.
+- Draw: prompt -> the base stage and the relay super-resolution stage side by side; seed, steps, guidance; progress.
+- Caption: several files -> a table and a JSONL download (the rows of `multimodal caption`).
+
+Everything a tab shows comes from the `Engine`; this file only arranges it. Requests run through Gradio's queue one
+at a time (the models share the machine's cores), uploads are limited in size, and a bad file or an impossible
+request shows one friendly sentence instead of a traceback.
+
+Components carry `elem_id`s (`chat-image`, `q`, `ask`, `chat`, `boxed`, `prompt`, `draw`, `base`, `relay`, ...),
+which the browser test uses.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from multimodal.captioning import caption_rows
+from multimodal.engine import EngineError, GroundedAnswer, Sampling
+from multimodal.image import ImageError, load_image
+from multimodal.world import ATTRIBUTION
+
+DRAW_EXAMPLES = ["a dog with a hat", "a cat wearing sunglasses", "two apples and a car", "一只戴帽子的狗"]
+QUESTION_EXAMPLES = ["Where is the dog?", "Describe the image with boxes.", "What is in the image?"]
+MAX_UPLOAD = "10mb"
+QUEUE_SIZE = 32
+# The embedded models draw small images: show them large, with sharp pixels.
+PIXEL_CSS = "#base img, #relay img, #boxed img {image-rendering: pixelated; width: 100%; height: 100%; " \
+            "object-fit: contain}"
+
+
+def _friendly(error: Exception) -> gr.Error:
+    return gr.Error(str(error), print_exception=False)
+
+
+def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
+    """The demo as a `gr.Blocks` over `engine`; call `launch(app)` (or `app.launch(...)`) to serve it."""
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+
+    def load(path: str | None):
+        if path is None:
+            raise gr.Error("Upload an image or make a scene first.", print_exception=False)
+        try:
+            return load_image(path)
+        except ImageError as error:
+            raise _friendly(error) from None
+
+    def make_scene(seed: float):
+        return engine.scene(int(seed)), [], None
+
+    def ask(path: str | None, question: str, messages: list):
+        image = load(path)
+        if not question.strip():
+            raise gr.Error("Type a question about the image.", print_exception=False)
+        history = [(m["role"], _text(m["content"])) for m in messages]
+        messages = [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        answer = ""
+        try:
+            for delta in engine.chat_stream(image, question, history, sampling):
+                answer += delta
+                messages[-1] = {"role": "assistant", "content": answer}
+                yield messages, gr.skip(), ""
+        except (EngineError, ValueError) as error:
+            raise _friendly(error) from None
+        yield messages, GroundedAnswer.parse(answer, image).drawn_on(image), ""
+
+    def draw(prompt: str, seed: float, steps: float, guidance: float, size: str, progress=gr.Progress()):
+        height, width = _size(size)
+        progress(0, desc="drawing")
+        try:
+            drawing = engine.draw(prompt, size=(height, width), steps=int(steps), guidance_scale=float(guidance),
+                                  seed=int(seed), progress=lambda step, total: progress(step / total, desc="drawing"))
+        except (EngineError, ValueError) as error:
+            raise _friendly(error) from None
+        return drawing.base[0], drawing.relay[0]
+
+    def caption(files: list | None, grounded: bool):
+        if not files:
+            raise gr.Error("Choose one or more image files to caption.", print_exception=False)
+        paths = [str(f) for f in files]
+        try:
+            rows = caption_rows(engine, paths, grounded, sampling)
+        except (EngineError, ValueError) as error:
+            raise _friendly(error) from None
+        for row in rows:
+            # Show the upload's name, not the server's temporary path.
+            name = Path(row["image"]).name
+            if "error" in row:
+                row["error"] = row["error"].replace(row["image"], name)
+            row["image"] = name
+        download = Path(tempfile.mkdtemp(prefix="captions-")) / "captions.jsonl"
+        download.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        table = [[row["image"], row.get("grounded_caption", row.get("caption", "")), row.get("error", "")]
+                 for row in rows]
+        return table, str(download)
+
+    sizes = [f"{w}x{h}" for h, w in engine.draw_sizes]
+    with gr.Blocks(title="GLM multimodal", analytics_enabled=False) as app:
+        gr.Markdown(f"## GLM multimodal demo\nModel: `{engine.name}`")
+        with gr.Tab("Chat & ground"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
+                                     elem_id="chat-image", height=320)
+                    with gr.Row():
+                        scene_seed = gr.Number(value=0, precision=0, label="Scene seed", elem_id="scene-seed")
+                        scene_button = gr.Button("Make a scene", elem_id="make-scene")
+                with gr.Column():
+                    boxed = gr.Image(label="Boxes", interactive=False, format="png", elem_id="boxed", height=320)
+            chat = gr.Chatbot(label="Conversation", elem_id="chat", height=260)
+            with gr.Row():
+                question = gr.Textbox(label="Question", placeholder="Where is the dog?", elem_id="q", scale=4)
+                ask_button = gr.Button("Ask", variant="primary", elem_id="ask", scale=1)
+            gr.Examples(QUESTION_EXAMPLES, inputs=[question], label="Questions")
+            clear = gr.Button("New conversation", elem_id="clear")
+
+        with gr.Tab("Draw"):
+            prompt = gr.Textbox(label="Prompt", placeholder="a dog with a hat", elem_id="prompt")
+            gr.Examples(DRAW_EXAMPLES, inputs=[prompt], label="Prompts")
+            with gr.Row():
+                draw_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                steps = gr.Slider(1, 50, value=12, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance", elem_id="guidance")
+                size = gr.Dropdown(sizes, value=sizes[0], label="Size", elem_id="size")
+            draw_button = gr.Button("Draw", variant="primary", elem_id="draw")
+            with gr.Row():
+                base = gr.Image(label="Base stage", interactive=False, format="png", elem_id="base", height=320)
+                relay = gr.Image(label="Relay stage (final)", interactive=False, format="png", elem_id="relay",
+                                 height=320)
+
+        with gr.Tab("Caption"):
+            files = gr.File(file_count="multiple", label="Images", elem_id="caption-files")
+            grounded = gr.Checkbox(label="Grounded (with boxes)", elem_id="grounded")
+            caption_button = gr.Button("Caption", variant="primary", elem_id="caption")
+            table = gr.Dataframe(headers=["image", "caption", "error"], interactive=False, elem_id="caption-table")
+            download = gr.File(label="captions.jsonl", interactive=False, elem_id="caption-jsonl")
+
+        gr.Markdown(f"<small>{ATTRIBUTION}</small>")
+
+        scene_button.click(make_scene, [scene_seed], [image, chat, boxed])
+        image.upload(lambda: ([], None), None, [chat, boxed])  # a new image starts a new conversation
+        clear.click(lambda: ([], None), None, [chat, boxed])
+        for trigger in (ask_button.click, question.submit):
+            trigger(ask, [image, question, chat], [chat, boxed, question])
+        draw_button.click(draw, [prompt, draw_seed, steps, guidance, size], [base, relay])
+        caption_button.click(caption, [files, grounded], [table, download])
+    app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return app
+
+
+def _text(content) -> str:
+    """A chatbot message's content as plain text (Gradio may hand back a string or a list of parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content)
+
+
+def _size(size: str) -> tuple[int, int]:
+    width, height = size.split("x")
+    return int(height), int(width)
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
+    """Serve the demo; with `block=False` return at once (the server runs in a thread)."""
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
+                              font_mono=["ui-monospace", "monospace"])
+    return app.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, ssr_mode=False, theme=theme,
+                      css=PIXEL_CSS, prevent_thread_lock=not block, quiet=not block, footer_links=[])
