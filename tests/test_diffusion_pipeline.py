@@ -1,0 +1,136 @@
+"""The pipelines end to end with tiny random models: relay pipeline outputs, per-seed reproducibility, save/load,
+progress; the CogView4 latent pipeline against diffusers' CogView4Pipeline; the `draw` command."""
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.denoiser import DIFFUSERS_KEYS, DiT, config_from_diffusers, dit_config
+from diffusion.pipeline import (
+    LatentFlowPipeline,
+    RelayConfig,
+    RelayPipeline,
+    load_relay_pipeline,
+    save_relay_pipeline,
+)
+from diffusion.text_encoder import GLMTextEncoder
+from glm.model import GLMConfig, GLMModel
+from multimodal.checkpoint import convert, load_into
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second thread only adds synchronisation, which costs dearly on a loaded two-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tokenize(text: str) -> list[int]:
+    return [3 + (ord(c) % 300) for c in text]
+
+
+def random_dit(seed: int, **overrides) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(dit_config("tiny", text_dim=64, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    glm = GLMModel(GLMConfig.from_preset("tiny")).init_weights(generator=torch.Generator().manual_seed(0))
+    encoder = GLMTextEncoder(glm, tokenize, pad_id=0)
+    config = RelayConfig(sizes=((16, 16), (8, 16)), up_scale=2, base_steps=3, relay_steps=2, guidance_scale=2.0)
+    return RelayPipeline(encoder, random_dit(1), random_dit(2, patch_size=4), config)
+
+
+def test_relay_pipeline_runs_end_to_end(pipe):
+    calls = []
+    out = pipe("a dog with a hat", seed=5, callback=lambda done, total: calls.append((done, total)))
+    assert len(out.images) == 1 and out.seeds == [5]
+    assert isinstance(out.images[0], Image.Image) and out.images[0].size == (16, 16)
+    assert out.base[0].size == (8, 8) and out.relay[0] is out.images[0]
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    wide = pipe("a cat", height=8, width=16, seed=1, output_type="pt")
+    assert wide.images[0].shape == (3, 8, 16) and 0 <= wide.images[0].min() and wide.images[0].max() <= 1
+    base_only = pipe("a cat", seed=1, use_relay=False, output_type="pt")
+    assert base_only.images[0].shape == (3, 16, 16) and base_only.relay == []
+
+
+def test_a_batch_of_seeds_equals_the_seeds_one_by_one(pipe):
+    batch = pipe(["a dog", "a red hat"], num_images_per_prompt=2, seed=[3, 4, 5, 6], output_type="pt")
+    for i, (prompt, seed) in enumerate([("a dog", 3), ("a dog", 4), ("a red hat", 5), ("a red hat", 6)]):
+        single = pipe(prompt, seed=seed, output_type="pt")
+        torch.testing.assert_close(batch.images[i], single.images[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batch.base[i], single.base[0], atol=1e-4, rtol=1e-4)
+    assert (batch.images[0] - batch.images[1]).abs().max() > 1e-2
+
+
+def test_guidance_and_negative_prompt_matter(pipe):
+    plain = pipe("a dog", seed=2, output_type="pt").images[0]
+    assert (pipe("a dog", seed=2, negative_prompt="a cat", output_type="pt").images[0] - plain).abs().max() > 1e-3
+    assert (pipe("a dog", seed=2, guidance_scale=1.0, output_type="pt").images[0] - plain).abs().max() > 1e-3
+
+
+def test_bad_requests_are_one_sentence(pipe):
+    with pytest.raises(ValueError, match="cannot be drawn"):
+        pipe("a dog", height=10, width=16)
+    with pytest.raises(ValueError, match="3 seeds were given for 2 images"):
+        pipe("a dog", num_images_per_prompt=2, seed=[1, 2, 3])
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    save_relay_pipeline(tmp_path / "pipe", pipe.base, pipe.relay, pipe.config)
+    loaded = load_relay_pipeline(tmp_path / "pipe", text_encoder=pipe.text_encoder)
+    assert loaded.config == pipe.config
+    for ours, theirs in ((pipe.base, loaded.base), (pipe.relay, loaded.relay)):
+        assert ours.config == theirs.config
+        saved = theirs.state_dict()
+        assert all(torch.equal(value, saved[key]) for key, value in ours.state_dict().items())
+    a = pipe("a dog", seed=9, output_type="pt").images[0]
+    b = loaded("a dog", seed=9, output_type="pt").images[0]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # the same weights; memory layout may change the last bit
+
+
+def test_cogview4_latent_pipeline_matches_diffusers():
+    from diffusers import AutoencoderKL, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import CogView4Pipeline as DiffusersCogView4
+
+    torch.manual_seed(0)
+    transformer = CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=32, time_embed_dim=8, condition_dim=4,
+    ).eval()
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
+    )
+    reference = DiffusersCogView4(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    g = torch.Generator().manual_seed(1)
+    embeds, negative = torch.randn(1, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    expected = reference(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, height=32, width=32, num_inference_steps=3,
+        guidance_scale=4.0, num_images_per_prompt=2, output_type="pt",
+        generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)],
+    ).images
+
+    ours_dit = DiT(config_from_diffusers(dict(transformer.config)))
+    load_into(ours_dit, convert(transformer.state_dict(), DIFFUSERS_KEYS))
+    ours = LatentFlowPipeline(None, ours_dit, vae)(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, height=32, width=32, num_inference_steps=3,
+        guidance_scale=4.0, num_images_per_prompt=2, seed=[7, 8], output_type="pt",
+    )
+    assert expected.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(torch.stack(ours.images), expected, atol=1e-5, rtol=1e-5)
