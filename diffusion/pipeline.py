@@ -409,11 +409,20 @@ def load_relay_pipeline(
 
 
 def _load_text_encoder(path: Path, where: dict | None, device, dtype):
+    """The text encoder a pipeline folder points to; without a pointer, the VLM of the suite folder around it
+    (`<suite>/vlm/` beside `<suite>/diffusion/`, the tokenizer in vlm/ or in the suite folder)."""
     from diffusion.text_encoder import GLMTextEncoder
     from glm.tokenizer import GLMTokenizer
 
     if where is None:
-        raise CheckpointError(f"{path} does not say where its text encoder is; pass a text encoder to the loader.")
+        suite = path.resolve().parent
+        if not (suite / "vlm" / NATIVE_CONFIG).exists():
+            raise CheckpointError(
+                f"{path} does not say where its text encoder is and has no vlm/ beside it; pass a text encoder."
+            )
+        tokenizer = suite / "vlm" / "tokenizer.json"
+        where = {"checkpoint": "../vlm", "format": "vlm", "tokenizer": str(tokenizer if tokenizer.exists() else
+                                                                           suite / "tokenizer.json")}
     checkpoint, tokenizer = path / where["checkpoint"], path / where["tokenizer"]
     if where.get("format", "glm") == "vlm":
         from vlm.convert import load_vlm

@@ -134,3 +134,36 @@ def test_cogview4_latent_pipeline_matches_diffusers():
     )
     assert expected.shape == (2, 3, 32, 32)
     torch.testing.assert_close(torch.stack(ours.images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_draw_command_without_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    import multimodal.assets
+    from multimodal.cli import main
+
+    monkeypatch.setattr(multimodal.assets, "ASSETS_DIR", tmp_path)  # an installation without the embedded model
+    assert main(["draw", "a dog", "--out", str(tmp_path / "dog.png")]) == 1
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_draw_command_saves_base_and_relay_images_and_prints_seeds(tmp_path, capsys):
+    from glm.convert import save_glm
+    from glm.tokenizer import train_bpe
+    from multimodal.cli import main
+
+    tokenizer = train_bpe(["a dog with a hat", "a cat on a blue background"], vocab_size=300)
+    glm = GLMModel(GLMConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)).init_weights(
+        generator=torch.Generator().manual_seed(0)
+    )
+    folder = tmp_path / "pipe"
+    save_glm(glm, folder / "glm")
+    tokenizer.save(folder / "tokenizer.json")
+    config = RelayConfig(sizes=((16, 16),), base_steps=2, relay_steps=2)
+    save_relay_pipeline(folder, random_dit(1), random_dit(2), config,
+                        text_encoder={"checkpoint": "glm", "tokenizer": "tokenizer.json", "format": "glm"})
+    out = tmp_path / "out" / "dog.png"
+    assert main(["draw", "a dog with a hat", "--checkpoint", str(folder), "--out", str(out), "--seed", "3",
+                 "--num-images", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 3:" in printed and "seed 4:" in printed
+    for name, size in [("dog-1.png", (16, 16)), ("dog-1.base.png", (8, 8)), ("dog-2.png", (16, 16))]:
+        assert Image.open(tmp_path / "out" / name).size == size
