@@ -308,15 +308,17 @@ class DiT(nn.Module):
         return unpatchify(self.proj_out(image), p, h // p, w // p)  # [B, out_channels, H, W]
 
     def flops_per_forward(self, height: int, width: int, text_len: int) -> int:
-        """Multiply-adds x 2 of one forward pass on one image (linear layers and attention products)."""
+        """FLOPs (2 x multiply-adds) of one forward on one image: every linear layer and both attention products."""
         cfg = self.config
         n = (height // cfg.patch_size) * (width // cfg.patch_size)
         tokens = n + text_len
-        per_block = tokens * (3 * cfg.dim * cfg.dim + cfg.dim * cfg.dim + 8 * cfg.dim * cfg.dim)
+        per_block = tokens * 12 * cfg.dim * cfg.dim  # qkv 3, out 1, MLP 4 + 4
         per_block += 2 * tokens * tokens * cfg.dim  # scores and weighted values
+        per_block += cfg.time_embed_dim * 12 * cfg.dim  # adaLN modulation (once per image)
         embed = n * cfg.in_channels * cfg.patch_size**2 * cfg.dim + text_len * cfg.text_dim * cfg.dim
-        head = n * cfg.dim * cfg.patch_size**2 * cfg.out_channels
-        return 2 * (cfg.num_layers * per_block + embed + head)
+        conditioning = (cfg.dim + 6 * cfg.condition_dim + 2 * cfg.time_embed_dim) * cfg.time_embed_dim
+        head = cfg.time_embed_dim * 2 * cfg.dim + n * cfg.dim * cfg.patch_size**2 * cfg.out_channels
+        return 2 * (cfg.num_layers * per_block + embed + conditioning + head)
 
 
 def _diffusers_rules() -> list[Rule]:

@@ -100,3 +100,19 @@ def test_patchify_round_trip_and_fresh_model_is_adaln_zero():
     assert torch.equal(out, torch.zeros_like(out))  # zero output layer: training starts from the identity blocks
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model(torch.randn(1, 3, 7, 8), torch.tensor([1.0]), torch.randn(1, 2, 16))
+
+
+def test_flop_count_matches_torch_flop_counter(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def explicit_attention(q, k, v, attn_mask=None):  # matmuls the counter can see (it does not count CPU SDPA)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
+    model = DiT(dit_config("tiny", patch_size=2, num_layers=3))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 8, 12), torch.tensor([3.0]), torch.randn(1, 5, 16))
+    assert model.flops_per_forward(8, 12, 5) == counter.get_total_flops()

@@ -167,3 +167,14 @@ def test_draw_command_saves_base_and_relay_images_and_prints_seeds(tmp_path, cap
     assert "seed 3:" in printed and "seed 4:" in printed
     for name, size in [("dog-1.png", (16, 16)), ("dog-1.base.png", (8, 8)), ("dog-2.png", (16, 16))]:
         assert Image.open(tmp_path / "out" / name).size == size
+
+
+def test_bench_draw_prints_both_modes(capsys):
+    from multimodal.cli import main
+
+    assert main(["bench", "draw", "--height", "16", "--width", "16", "--steps", "2", "--relay-steps", "1",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "base only" in printed and "base + relay" in printed
+    ratio = float(printed.split("FLOPs ")[1].split("x")[0])
+    assert 0 < ratio < 1  # at equal base steps the relay path spends fewer denoiser FLOPs
