@@ -4,8 +4,9 @@ Entry points:
 - `maybe_init_distributed(tp, device)`: under `torchrun --nproc-per-node N` joins the process group and returns a
   `DistContext(rank, world, device)`; outside torchrun it returns None (and refuses `tp > 1` with the exact command).
 - `is_main_process()`: True on rank 0 or without torch.distributed; only the main process prints, writes or serves.
-- `shard_model(model, rank, world, quantize=None)`: shards an already built model in place; `quantize(module, name)`
-  (optional) turns each float Linear shard into a quantized module *after* it is cut, then communication is added.
+- `shard_model(model, rank, world, quantize=None)`: shards an already built model in place; `quantize(linear, name)`
+  (optional, e.g. `multimodal.quantize.quantize_linear` with a spec) turns every plain Linear into a quantized
+  module *after* it is cut, then communication is added (quantizing a sharded model afterwards would drop it).
 - `load_sharded(source, build_fn, rank, world, ...)`: builds the model on the meta device, shards it there, then
   reads only this rank's slices from a native safetensors checkpoint (no rank ever holds the full model).
 - `plan_tp(model, rank, world)`: the plan itself (which rows/columns of each parameter a rank keeps, which module
@@ -21,6 +22,8 @@ The Megatron pattern, per model (the module classes are recognised by type; othe
   and gate/up/down). ViT: qkv by heads, fc1 column, dense and fc2 row. Adapter GLU: gate/up column, down row.
 - DiT: joint-attention qkv by heads, out row; MLP up column, down row; each block's adaLN modulation column-parallel
   per modulation vector and all-gathered (it is a large share of the weights). Embeddings and heads are replicated.
+  An image-side module whose heads or widths do not divide by the world stays whole on every rank (e.g. a 6-head
+  DiT at 4 ranks); the language model instead fails with an error naming the layer.
 A row-parallel bias is added once: ranks other than 0 hold zeros in its place, so the all-reduce sums it once.
 """
 
@@ -149,7 +152,7 @@ class TPPlan:
     vocab_embeddings: dict[str, int] = field(default_factory=dict)  # nn.Embedding name -> first vocab id held
     vit_attention: dict[str, tuple[int, int]] = field(default_factory=dict)  # ViTAttention -> (local heads, head dim)
     attributes: list[tuple[str, str, int]] = field(default_factory=list)  # (module, attribute, per-rank value)
-    linears: list[str] = field(default_factory=list)  # sharded Linear layers, the ones a quantizer may take
+    linears: list[str] = field(default_factory=list)  # cut Linear layers (their in/out_features follow the cut)
     replicated_reason: dict[str, str] = field(default_factory=dict)  # module -> why it stays whole
 
 
@@ -187,6 +190,24 @@ class _Planner:
         if getattr(linear, "bias", None) is not None and bias_shard is not None:
             self.plan.params[f"{name}.bias"] = bias_shard
         self.plan.linears.append(name)
+
+    def optional(self, name: str, plan_module: Callable[[], None]) -> None:
+        """Plan a module of the image side (ViT, adapter, DiT); when its shapes do not split over the world it
+        stays whole on every rank (it is small next to the language model) and the reason is recorded."""
+        outer, self.plan = self.plan, TPPlan(self.rank, self.world)
+        try:
+            plan_module()
+        except ValueError as error:
+            outer.replicated_reason[name] = str(error)
+            self.plan = outer
+            return
+        inner, self.plan = self.plan, outer
+        outer.params |= inner.params
+        outer.reduce += inner.reduce
+        outer.gather |= inner.gather
+        outer.vit_attention |= inner.vit_attention
+        outer.attributes += inner.attributes
+        outer.linears += inner.linears
 
     def set(self, name: str, attribute: str, value: int) -> None:
         self.plan.attributes.append((name, attribute, value))
@@ -232,6 +253,13 @@ class _Planner:
         for projection in down:
             self.row(f"{name}.{projection}", mlp.get_submodule(projection))
 
+    def mlp(self, name: str, up: tuple[str, ...], down: str, mlp: nn.Module) -> None:
+        """Separate up projection(s) column-parallel, the down projection row-parallel."""
+        for projection in up:
+            linear = mlp.get_submodule(projection)
+            self.column(f"{name}.{projection}", linear, [linear.out_features])
+        self.row(f"{name}.{down}", mlp.get_submodule(down))
+
     def vocab(self, name: str, model: nn.Module) -> None:
         vocab = model.embed.num_embeddings
         if vocab % self.world:
@@ -241,6 +269,7 @@ class _Planner:
         self.plan.params[f"{name}embed.weight"] = ParamShard(0, ((start, stop),))
         self.plan.vocab_embeddings[f"{name}embed"] = start
         self.plan.params[f"{name}output.weight"] = ParamShard(0, ((start, stop),))
+        self.plan.linears.append(f"{name}output")
         self.plan.gather[f"{name}output"] = 1
 
     def vit_attention(self, name: str, attn: ViTAttention) -> None:
@@ -270,27 +299,29 @@ def _prefix(name: str) -> str:
 
 
 def plan_tp(model: nn.Module, rank: int, world: int) -> TPPlan:
-    """What rank `rank` of `world` keeps of every parameter, and where communication goes. Raises a ValueError
-    naming the layer when a shape cannot be split."""
+    """What rank `rank` of `world` keeps of every parameter, and where communication goes.
+
+    Raises a ValueError naming the layer when a shape of the language model cannot be split; image-side modules
+    that cannot be split stay replicated (`plan.replicated_reason`).
+    """
     planner = _Planner(rank, world)
     for name, module in model.named_modules():
-        if isinstance(module, GLMAttention):
-            planner.glm_attention(name, module)
+        if isinstance(module, GLMAttention):  # with a visual expert, its projections sit beside the language ones
+            qkv = tuple(p for p in ("qkv", "vision_qkv") if hasattr(module, p))
+            dense = tuple(p for p in ("dense", "vision_dense") if hasattr(module, p))
+            planner.glm_attention(name, module, qkv, dense)
         elif isinstance(module, SwiGLU):
             planner.swiglu(name, ("gate_up",), ("down",), module)
         elif isinstance(module, GLMModel):
             planner.vocab(_prefix(name), module)
         elif isinstance(module, ViTAttention):
-            planner.vit_attention(name, module)
+            planner.optional(name, lambda: planner.vit_attention(name, module))
         elif isinstance(module, ViTMLP):
-            planner.column(f"{name}.fc1", module.fc1, [module.fc1.out_features])
-            planner.row(f"{name}.fc2", module.fc2)
+            planner.optional(name, lambda: planner.mlp(name, ("fc1",), "fc2", module))
         elif isinstance(module, GLU):
-            planner.column(f"{name}.gate_proj", module.gate_proj, [module.gate_proj.out_features])
-            planner.column(f"{name}.up_proj", module.up_proj, [module.up_proj.out_features])
-            planner.row(f"{name}.down_proj", module.down_proj)
+            planner.optional(name, lambda: planner.mlp(name, ("gate_proj", "up_proj"), "down_proj", module))
         elif isinstance(module, DiTBlock):
-            planner.dit_block(name, module)
+            planner.optional(name, lambda: planner.dit_block(name, module))
     return planner.plan
 
 
@@ -396,8 +427,8 @@ def shard_model(
 ) -> nn.Module:
     """Shard a built model in place for `rank` of `world` (default: the initialized process group) and return it.
 
-    `quantize(linear, name) -> module` is applied to every sharded Linear after it is cut, before the collectives
-    are attached (quantizing a sharded model afterwards would drop them). Replicated Linears are left to the caller.
+    `quantize(linear, name) -> module` is applied to every plain Linear after the cut, before the collectives are
+    attached; an INT4 group size that does not divide a shard fails naming the layer and a group size that works.
     """
     rank, world = _rank_and_world(rank, world)
     plan = plan_tp(model, rank, world)
@@ -408,13 +439,24 @@ def shard_model(
 
 
 def _finish(model: nn.Module, plan: TPPlan, quantize, group) -> None:
-    """Quantize the cut Linear layers (the same layers at any world size, so TP=1 is the exact twin), then attach
-    the collectives to whatever module now sits at each name."""
+    """Quantize every plain Linear (cut or replicated, as a whole-model quantization pass would, so TP=1 is the
+    exact twin), then attach the collectives to whatever module now sits at each name."""
     if quantize is not None:
-        for name in plan.linears:
-            _replace_module(model, name, quantize(model.get_submodule(name), name))
+        for name, module in list(model.named_modules()):
+            if type(module) is nn.Linear:
+                _replace_module(model, name, _quantize_shard(quantize, module, name, plan))
     if plan.world > 1:
         _add_communication(model, plan, group or dist.group.WORLD)
+
+
+def _quantize_shard(quantize, linear: nn.Linear, name: str, plan: TPPlan) -> nn.Module:
+    try:
+        return quantize(linear, name)
+    except ValueError as error:
+        if plan.world == 1 or f"{name}.weight" not in plan.params:
+            raise
+        raise ValueError(f"{error} (This is rank {plan.rank}'s shard of {name} at --tp {plan.world}: it has "
+                         f"{linear.in_features} of the layer's input features.)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
