@@ -10,6 +10,7 @@ from diffusion.pipeline import (
     LatentFlowPipeline,
     RelayConfig,
     RelayPipeline,
+    load_diffusers_transformer,
     load_relay_pipeline,
     save_relay_pipeline,
 )
@@ -96,7 +97,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # the same weights; memory layout may change the last bit
 
 
-def test_cogview4_latent_pipeline_matches_diffusers():
+def test_cogview4_latent_pipeline_matches_diffusers(tmp_path):
     from diffusers import AutoencoderKL, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
     from diffusers import CogView4Pipeline as DiffusersCogView4
 
@@ -134,6 +135,24 @@ def test_cogview4_latent_pipeline_matches_diffusers():
     )
     assert expected.shape == (2, 3, 32, 32)
     torch.testing.assert_close(torch.stack(ours.images), expected, atol=1e-5, rtol=1e-5)
+
+    # The same weights from a diffusers folder on disk, and prompts through a GLM encoder (CogView4's padding).
+    transformer.save_pretrained(tmp_path / "transformer")
+    loaded = load_diffusers_transformer(tmp_path / "transformer")
+    glm = GLMModel(GLMConfig.from_preset("tiny", hidden_size=32, head_dim=8)).init_weights(
+        generator=torch.Generator().manual_seed(3)
+    )
+    encoder = GLMTextEncoder(glm, tokenize, pad_id=0, mask_padding=False)
+    pipe = LatentFlowPipeline(encoder, loaded, vae)
+    options = dict(height=32, width=32, num_inference_steps=2, guidance_scale=3.0, seed=4, output_type="pt")
+    from_prompt = pipe("a dog", negative_prompt="blurry", **options).images[0]
+    from_embeds = pipe(prompt_embeds=encoder("a dog")[0], negative_prompt_embeds=encoder("blurry")[0], **options)
+    torch.testing.assert_close(from_prompt, from_embeds.images[0])
+    expected = reference(
+        prompt_embeds=encoder("a dog")[0], negative_prompt_embeds=encoder("blurry")[0], height=32, width=32,
+        num_inference_steps=2, guidance_scale=3.0, output_type="pt", generator=[torch.Generator().manual_seed(4)],
+    ).images[0]
+    torch.testing.assert_close(from_prompt, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_draw_command_without_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
@@ -178,3 +197,20 @@ def test_bench_draw_prints_both_modes(capsys):
     assert "base only" in printed and "base + relay" in printed
     ratio = float(printed.split("FLOPs ")[1].split("x")[0])
     assert 0 < ratio < 1  # at equal base steps the relay path spends fewer denoiser FLOPs
+
+
+@pytest.mark.gpu
+def test_pipeline_on_cuda_matches_cpu_and_runs_in_bfloat16(pipe):
+    import copy
+
+    def on(device, dtype):
+        glm = copy.deepcopy(pipe.text_encoder.model).to(device)
+        encoder = GLMTextEncoder(glm, tokenize, pad_id=0)
+        base, relay = (copy.deepcopy(m).to(device, dtype) for m in (pipe.base, pipe.relay))
+        return RelayPipeline(encoder, base, relay, pipe.config)
+
+    cpu = pipe("a dog", seed=3, output_type="pt").images[0]
+    cuda = on("cuda", torch.float32)("a dog", seed=3, output_type="pt").images[0].cpu()
+    torch.testing.assert_close(cuda, cpu, atol=1e-3, rtol=1e-3)
+    half = on("cuda", torch.bfloat16)("a dog", seed=3, output_type="pt").images[0]
+    assert torch.isfinite(half).all()
