@@ -1,0 +1,31 @@
+"""`multimodal bench quant` runs end to end on a tiny model and counts bytes correctly."""
+
+import torch
+from torch import nn
+
+from multimodal.benchmarks.quant import weight_bytes
+from multimodal.cli import main
+from multimodal.quantize import QuantSpec, quantize_model
+
+
+def test_weight_bytes_counts_one_embedding_row_per_token():
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 32), nn.Linear(32, 64, bias=False))
+    stored, read = weight_bytes(model)
+    linear_bytes = 4 * (8 * 32 + 32 + 32 * 64)
+    assert stored == 4 * 100 * 8 + linear_bytes
+    assert read == 4 * 8 + linear_bytes
+    quantized = quantize_model(model, QuantSpec("int4", 32, exclude=("1",)))
+    # int4: half a byte per weight plus a bfloat16 scale and zero per group of 32.
+    assert weight_bytes(quantized)[1] == 4 * 8 + 4 * (8 * 32 + 32) + 32 * 64 // 2 + (32 // 32) * 64 * 2 * 2
+    assert torch.is_tensor(quantized[2].weight)
+
+
+def test_bench_quant_prints_a_row_per_variant(capsys):
+    assert main(["bench", "quant", "--preset", "tiny-glm4", "--group-size", "32", "--dtype", "float32",
+                 "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]] for line in lines[3:]}
+    assert list(rows) == ["float", "int8", "int4 g32"]
+    read_share = {name: float(cells[2].rstrip("%")) for name, cells in rows.items()}  # read/token vs float
+    assert read_share["int4 g32"] < read_share["int8"] < read_share["float"] == 100.0
+    assert float(rows["float"][5]) == 0.0 and float(rows["int8"][5]) > 0.0
