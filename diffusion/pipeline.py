@@ -248,8 +248,9 @@ class RelayPipeline:
         extra_args = {"cond": cond, "uncond": uncond}
         progress = _StepCounter(callback, steps + (relay_steps if use_relay else 0))
 
-        base_model = ClassifierFreeGuidance(EDMDenoiser(self.base, cfg.sigma_data), guidance)
-        x = noise.randn((self.base.config.in_channels, base_h, base_w), self.dtype, self.device) * cfg.sigma_max
+        # The samplers keep x in float32; the denoisers compute in the models' dtype.
+        base_model = ClassifierFreeGuidance(EDMDenoiser(self.base, cfg.sigma_data, compute_dtype=self.dtype), guidance)
+        x = noise.randn((self.base.config.in_channels, base_h, base_w), torch.float32, self.device) * cfg.sigma_max
         sigmas = get_sigmas_karras(steps, cfg.sigma_min, cfg.sigma_max)
         base = sample_heun(base_model, x, sigmas, extra_args, progress, noise.randn_like, s_churn=cfg.s_churn)
         base = base.clamp(-1, 1)  # [N, C, h, w]
@@ -257,7 +258,8 @@ class RelayPipeline:
             images = _to_output(base, output_type)
             return DrawOutput(images=images, base=images, relay=[], seeds=seeds)
 
-        relay_model = ClassifierFreeGuidance(EDMDenoiser(self.relay, cfg.sigma_data), guidance)
+        relay_denoiser = EDMDenoiser(self.relay, cfg.sigma_data, compute_dtype=self.dtype)
+        relay_model = ClassifierFreeGuidance(relay_denoiser, guidance)
         upsampled = F.interpolate(base, scale_factor=cfg.up_scale, mode="nearest")  # [N, C, H, W]
         sigmas = get_sigmas_karras(relay_steps, cfg.relay_sigma_min, cfg.relay_start_sigma)
         relay = sample_relay(

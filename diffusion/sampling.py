@@ -57,13 +57,18 @@ class EDMDenoiser(nn.Module):
 
     c_noise is EDM's ln(sigma)/4 times `noise_scale` (1000 by default) so that the backbone's sinusoidal
     timestep features see the spread of values they are designed for (diffusers timesteps span 0..1000).
+    With `compute_dtype` (e.g. bfloat16) the backbone runs in it while the sampler keeps x in its own precision.
     """
 
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, noise_scale: float = 1000.0):
+    def __init__(
+        self, backbone: nn.Module, sigma_data: float = 0.5, noise_scale: float = 1000.0,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.sigma_data = sigma_data
         self.noise_scale = noise_scale
+        self.compute_dtype = compute_dtype
 
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """c_skip, c_out, c_in, c_noise for noise levels sigma."""
@@ -77,7 +82,7 @@ class EDMDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.to(x.dtype)[:, None, None, None] for c in self.scalings(sigma))
-        out = self.backbone(c_in * x, c_noise.reshape(-1), **cond)
+        out = self.backbone((c_in * x).to(self.compute_dtype or x.dtype), c_noise.reshape(-1), **cond)
         return c_skip * x + c_out * out.to(x.dtype)
 
 

@@ -214,3 +214,12 @@ def test_pipeline_on_cuda_matches_cpu_and_runs_in_bfloat16(pipe):
     torch.testing.assert_close(cuda, cpu, atol=1e-3, rtol=1e-3)
     half = on("cuda", torch.bfloat16)("a dog", seed=3, output_type="pt").images[0]
     assert torch.isfinite(half).all()
+
+
+def test_bfloat16_denoisers_stay_close_to_float32(pipe):
+    half = RelayPipeline(pipe.text_encoder, random_dit(1).bfloat16(), random_dit(2, patch_size=4).bfloat16(),
+                         pipe.config)
+    full = pipe("a dog", seed=1, output_type="pt").images[0]
+    low = half("a dog", seed=1, output_type="pt").images[0]
+    assert low.dtype == torch.float32
+    assert (low - full).abs().mean() < 0.02 and (low - full).abs().max() > 0  # bf16 really ran
