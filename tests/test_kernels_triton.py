@@ -49,6 +49,16 @@ for dtype in (torch.float32, torch.float16):
         assert out.dtype == dtype and out.shape == ref.shape
         rel = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         errors[f"int4 {rows}x{out_features}x{in_features} g{group_size} {dtype}"] = rel
+# Through the quantized modules: dispatch, leading dims, the bias, and the int4 CPU tile layout converted back.
+from multimodal.quantize import QuantSpec, quantize_linear, set_backend
+
+for spec in (QuantSpec("int8"), QuantSpec("int4", 32)):
+    module = quantize_linear(torch.nn.Linear(64, 48), spec)
+    x = torch.randn(2, 3, 64, generator=generator)
+    with torch.no_grad():
+        out, ref = set_backend(module, "triton")(x), set_backend(module, "reference")(x)
+    assert out.shape == (2, 3, 48)
+    errors[f"module {spec.scheme} float32"] = ((out - ref).abs().max() / ref.abs().max()).item()
 print(json.dumps(errors))
 """
 
@@ -65,7 +75,7 @@ def interpreted_errors():
 
 
 def test_triton_kernels_match_reference_under_interpreter(interpreted_errors):
-    assert len(interpreted_errors) == 2 * (len(INT8_CASES) + len(INT4_CASES))
+    assert len(interpreted_errors) == 2 * (len(INT8_CASES) + len(INT4_CASES)) + 2
     for case, relative_error in interpreted_errors.items():
         bound = 1e-5 if "float32" in case else 3e-3
         assert relative_error <= bound, f"{case}: relative error {relative_error:.2e} > {bound:.0e}"
