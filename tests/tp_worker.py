@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,7 +22,10 @@ from glm.generate import SamplingConfig, generate
 from glm.model import GLMConfig, GLMModel
 from multimodal import tp
 from multimodal.checkpoint import LazyCheckpoint
+from multimodal.quantize import QUANTIZED_LINEARS, QuantSpec, quantize_linear, quantize_model
 from vlm.adapter import Adapter, AdapterConfig
+from vlm.model import VISION, VisionLanguageModel, VLMConfig
+from vlm.processor import position_ids
 from vlm.vit import VisionTransformer, ViTConfig
 
 
@@ -90,11 +94,61 @@ def check_dit(metrics: dict, rank: int, world: int, group) -> None:
     metrics["dit_prediction"] = max_diff(sharded(x, timestep, text, text_mask), dit(x, timestep, text, text_mask))
 
 
+@torch.no_grad()
+def check_vlm(metrics: dict, rank: int, world: int, group) -> None:
+    """Image encoding, an expert-routed prefill into the cache, then one cached decode step."""
+    tiny = VLMConfig.from_preset("tiny")
+    config = replace(tiny, vision=replace(tiny.vision, heads=4))  # 4 ViT heads, so 4 ranks split them too
+    reference = randomize(VisionLanguageModel(config), 9).eval()
+    sharded = tp.shard_model(copy.deepcopy(reference), rank, world, group=group)
+    generator = torch.Generator().manual_seed(10)
+    pixels = torch.randn(2, 3, 32, 32, generator=generator)
+    image_tokens, image_start = config.image_tokens, 2
+    ids = torch.randint(0, config.text.vocab_size, (2, image_start + image_tokens + 4), generator=generator)
+    types = torch.zeros_like(ids)
+    types[:, image_start:image_start + image_tokens] = VISION
+    positions = position_ids(types)
+    next_ids = torch.randint(0, config.text.vocab_size, (2, 1), generator=generator)
+    next_positions = positions[:, -1:] + 1
+    outputs = []
+    for model in (reference, sharded):
+        cache = model.allocate_cache(2, 64)
+        image = model.encode_image(pixels)
+        prefill = model(ids, image_embeds=image, image_start=image_start, positions=positions, cache=cache)
+        decode = model(next_ids, positions=next_positions, cache=cache, cache_start=ids.shape[1])
+        outputs.append((image, prefill, decode))
+    (ref_image, ref_prefill, ref_decode), (image, prefill, decode) = outputs
+    metrics["vlm_image_embeddings"] = max_diff(image, ref_image)
+    metrics["vlm_prefill_logits"] = max_diff(prefill, ref_prefill)
+    metrics["vlm_decode_logits"] = max_diff(decode, ref_decode)
+
+
+@torch.no_grad()
+def check_quantized(metrics: dict, rank: int, world: int, group) -> None:
+    """INT8 / INT4 shards against the same scheme applied to the unsharded model (its TP=1 twin)."""
+    # 32 input features per shard of dense (4 heads x 32) and down (ffn 128) at 4 ranks: INT4 group size 32 fits.
+    config = GLMConfig.from_preset("tiny", head_dim=32, ffn_hidden_size=128)
+    reference = randomize(GLMModel(config), 11).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(12))
+    expected_float = reference(ids)
+    for scheme in ("int8", "int4"):
+        spec = QuantSpec(scheme, group_size=32)
+        twin = quantize_model(copy.deepcopy(reference), spec)
+        sharded = tp.shard_model(copy.deepcopy(reference), rank, world, group=group,
+                                 quantize=lambda linear, name: quantize_linear(linear, spec, name))
+        assert any(isinstance(m, QUANTIZED_LINEARS) for m in sharded.modules())
+        expected = twin(ids)
+        metrics[f"{scheme}_vs_twin"] = max_diff(sharded(ids), expected)
+        metrics[f"{scheme}_twin_vs_float"] = max_diff(expected, expected_float)
+
+
 def run_checks(rank: int, world: int, group, scratch: Path) -> dict[str, float]:
     metrics: dict[str, float] = {}
     check_vision(metrics, rank, world, group)
     check_dit(metrics, rank, world, group)
     check_glm(metrics, scratch / "glm.safetensors", rank, world, group)
+    check_vlm(metrics, rank, world, group)
+    check_quantized(metrics, rank, world, group)
     return metrics
 
 
