@@ -223,3 +223,14 @@ def test_bfloat16_denoisers_stay_close_to_float32(pipe):
     low = half("a dog", seed=1, output_type="pt").images[0]
     assert low.dtype == torch.float32
     assert (low - full).abs().mean() < 0.02 and (low - full).abs().max() > 0  # bf16 really ran
+
+
+def test_draw_command_reads_a_suite_folder_with_the_vlm_as_text_encoder(tmp_path, capsys):
+    from multimodal.cli import main
+    from multimodal.engine import Engine
+
+    Engine.random_tiny(0).save(tmp_path / "suite")  # vlm/ (GLM core + tokenizer) beside diffusion/
+    out = tmp_path / "cat.png"
+    assert main(["draw", "a cat", "--checkpoint", str(tmp_path / "suite"), "--out", str(out), "--seed", "7"]) == 0
+    assert "seed 7:" in capsys.readouterr().out
+    assert Image.open(out).size == (32, 32) and Image.open(tmp_path / "cat.base.png").size == (16, 16)
