@@ -31,6 +31,7 @@ from PIL import Image
 from multimodal.image import draw_boxes
 from vlm.grounding import parse_grounding, pixel_boxes
 
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"  # the models shipped in the package, when trained
 VLM_FOLDER = "vlm"  # a suite folder: the VLM (with its tokenizer) ...
 DIFFUSION_FOLDER = "diffusion"  # ... and the text-to-image pipeline, whose text encoder is the VLM's GLM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,13 +131,12 @@ class Engine:
         from diffusion.pipeline import load_relay_pipeline
         from diffusion.text_encoder import GLMTextEncoder
         from glm.tokenizer import GLMTokenizer
-        from multimodal.assets import ASSETS_DIR
         from vlm.chat import VLMChat
         from vlm.convert import load_vlm
 
         if dtype not in DTYPES:
             raise EngineError(f"Unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
-        folder = Path(checkpoint) if checkpoint is not None else ASSETS_DIR
+        folder = Path(checkpoint) if checkpoint is not None else EMBEDDED_DIR
         if checkpoint is None and not (folder / VLM_FOLDER / "config.json").exists():
             raise EngineError("This installation has no embedded models yet; pass --checkpoint FOLDER (a suite "
                               "folder with vlm/ and diffusion/) or train them with `multimodal train`.")
@@ -181,7 +181,7 @@ class Engine:
             base = DiT(dit_config("tiny", text_dim=config.text.hidden_size))
             relay = DiT(dit_config("tiny", text_dim=config.text.hidden_size))
         painter = RelayPipeline(GLMTextEncoder.from_tokenizer(model, tokenizer), base, relay,
-                                RelayConfig(sizes=((32, 32), (16, 16)), base_steps=4, relay_steps=3))
+                                RelayConfig(sizes=((32, 32), (16, 16)), base_steps=2, relay_steps=2))
         return cls.from_parts(VLMChat(model, tokenizer), painter, "random-tiny")
 
     def save(self, folder: str | Path) -> Path:
@@ -215,7 +215,10 @@ class Engine:
             if request.image is None:  # text-only rows have no image slot to align; they run alone
                 answers[index] = self.chat(None, request.question, request.history, request.sampling)
             else:
-                groups.setdefault(request.sampling, []).append(index)
+                sampling = request.sampling
+                if sampling.temperature == 0:  # greedy answers ignore the seed, so any seeds can share a batch
+                    sampling = replace(sampling, seed=0)
+                groups.setdefault(sampling, []).append(index)
         for sampling, indices in groups.items():
             texts = self.chat_model.answer_batch(
                 [requests[i].image for i in indices],
@@ -283,7 +286,9 @@ def _turns(question: str, history: Sequence[Turn]) -> list[Turn]:
 def _apply_quant_and_tp(model, painter, quant: str, group_size: int, tp: int, device: str) -> None:
     """Weight-only quantization and tensor parallelism, as passes over the loaded models (the GLM is shared, so
     the text encoder follows the VLM)."""
-    from multimodal.quantize import QuantSpec, quantize_linear, quantize_model
+    if quant == "none" and tp == 1:
+        return
+    from multimodal.quantize import QuantSpec, quantize_linear, quantize_model  # imports the kernels: only now
 
     spec = None if quant == "none" else QuantSpec(quant, group_size)
     models = [model] + ([painter.base, painter.relay] if painter is not None else [])

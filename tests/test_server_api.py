@@ -232,3 +232,44 @@ def test_a_failing_request_does_not_break_the_others(served):
         engine.chat_model.fail_on = None
     reply = client.chat.completions.create(model="scripted", messages=[user_message("still there?")])
     assert reply.choices[0].message.content.startswith("still there? -> the thing")
+
+
+def test_the_tiny_suite_answers_a_concurrent_burst_exactly_as_one_by_one():
+    """Real (random) models behind the server: batched answers equal the answers given one request at a time."""
+    import torch
+
+    from multimodal.engine import Engine, Sampling
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
+    try:
+        engine = Engine.random_tiny(seed=1)
+        batch_sizes = []
+        answer_batch = engine.chat_model.answer_batch
+        engine.chat_model.answer_batch = lambda images, *rest: batch_sizes.append(len(images)) or answer_batch(
+            images, *rest)
+        images = [Image.new("RGB", (20 + i, 30), (40 * i, 255 - 30 * i, 7 * i)) for i in range(8)]
+        questions = ["Where is the dog?", "Describe the image.", "a dog with a hat", "Where is the hat?"]
+        expected = [engine.chat(image, questions[i % 4], sampling=Sampling(max_new_tokens=6, seed=i))
+                    for i, image in enumerate(images)]
+        with running_server(create_app(engine, max_batch=8)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+            def ask(i: int) -> str:
+                reply = client.chat.completions.create(
+                    model="random-tiny", messages=[user_message(questions[i % 4], images[i])], max_tokens=6, seed=i,
+                    stream=i == 5)
+                if i == 5:
+                    return "".join(chunk.choices[0].delta.content or "" for chunk in reply)
+                return reply.choices[0].message.content
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                answers = list(pool.map(ask, range(len(images))))
+            drawn = client.images.generate(model="random-tiny", prompt="a dog with a hat", size="16x16",
+                                           extra_body={"seed": 3})
+    finally:
+        torch.set_num_threads(previous)
+    assert answers == expected
+    assert sum(batch_sizes) == 7 and max(batch_sizes) > 1  # the non-streaming requests, several per batch
+    image = Image.open(io.BytesIO(base64.b64decode(drawn.data[0].b64_json)))
+    assert image.tobytes() == engine.draw("a dog with a hat", size=(16, 16), seed=3).relay[0].tobytes()
