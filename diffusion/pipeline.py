@@ -188,14 +188,14 @@ class RelayPipeline:
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         """The base-stage size for a final size, or one sentence saying why the size cannot be drawn."""
-        up = self.config.up_scale if self.relay is not None else 1
+        up = self.config.up_scale
         base_h, base_w = height // up, width // up
         p = self.base.config.patch_size
         if height % up or width % up or base_h % p or base_w % p or base_h < p or base_w < p:
             raise ValueError(
                 f"Size {width}x{height} cannot be drawn: height and width must be positive multiples of {up * p}."
             )
-        if self.relay is not None and (height % self.relay.config.patch_size or width % self.relay.config.patch_size):
+        if height % self.relay.config.patch_size or width % self.relay.config.patch_size:
             raise ValueError(
                 f"Size {width}x{height} cannot be drawn: the relay stage needs multiples of "
                 f"{self.relay.config.patch_size}."
