@@ -5,7 +5,8 @@ the output layer included (unless `--exclude` says otherwise) and run with `--dt
 kernel path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per variant:
 - weights MB: every tensor of the state dict;
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
-- decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`;
+- decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
+  the variants taking turns so that load from other processes is shared fairly;
 - logits rel. err: relative L2 distance of the prompt's logits from the float model's.
 """
 
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -48,23 +49,28 @@ def weight_bytes(model: nn.Module) -> tuple[int, int]:
     return stored, stored - unread
 
 
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int]], new_tokens: int,
+                             repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` decode speed of each model; the models take turns, so load from other processes on a
+    shared machine spreads over all of them instead of landing on one."""
+
+    def generation(model: GLMModel, n: int):
+        return lambda: generate(model, prompts, SamplingConfig(max_new_tokens=n))
+
+    for model in models.values():
+        generation(model, 2)()  # warm-up: allocator, thread pools
+    best = {name: (float("inf"), float("inf")) for name in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def decode_tokens_per_second(model: GLMModel, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    def run(n: int):
-        return generate(model, prompts, SamplingConfig(max_new_tokens=n))
-
-    run(2)  # warm-up: allocator, thread pools, CPU weight packing caches
-    first = _best_time(lambda: run(1), repeats)
-    full = _best_time(lambda: run(new_tokens), repeats)
-    return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
+        for name, model in models.items():
+            first, full = _seconds(generation(model, 1)), _seconds(generation(model, new_tokens))
+            best[name] = (min(best[name][0], first), min(best[name][1], full))
+    return {name: len(prompts) * (new_tokens - 1) / max(full - first, 1e-9) for name, (first, full) in best.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,19 +95,18 @@ def run(args: argparse.Namespace) -> int:
     header = (f"{'variant':<9} | {'weights MB':>10} | {'read/token MB':>13} | {'vs float':>8} | {'decode tok/s':>12} | "
               f"{'vs float':>8} | {'logits rel. err':>15}")
     rows = [header, "-" * len(header)]
+    models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
+              for name, spec in variants}
+    speeds = decode_tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
         reference_logits = float_model(prompts.to(args.device)).float()
-    baseline = None
-    for name, spec in variants:
-        model = float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
-        stored, read = weight_bytes(model)
-        speed = decode_tokens_per_second(model, prompts.tolist(), args.new_tokens, args.repeats)
-        with torch.inference_mode():
+        for name, model in models.items():
+            stored, read = weight_bytes(model)
             logits = model(prompts.to(args.device)).float()
-        error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
-        baseline = baseline or (read, speed)
-        rows.append(f"{name:<9} | {stored / 1e6:>10.1f} | {read / 1e6:>13.1f} | {read / baseline[0]:>7.1%} | "
-                    f"{speed:>12.2f} | {speed / baseline[1]:>7.2f}x | {error:>15.4f}")
-        del model
+            error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
+            if name == "float":
+                float_read, float_speed = read, speeds[name]
+            rows.append(f"{name:<9} | {stored / 1e6:>10.1f} | {read / 1e6:>13.1f} | {read / float_read:>7.1%} | "
+                        f"{speeds[name]:>12.2f} | {speeds[name] / float_speed:>7.2f}x | {error:>15.4f}")
     print("\n".join(rows))
     return 0
