@@ -42,6 +42,7 @@ from torch import nn
 from diffusion.denoiser import DiTBlock
 from glm.model import GLMAttention, GLMModel, SwiGLU
 from multimodal.checkpoint import CheckpointError, LazyCheckpoint, build_on_meta, load_into
+from multimodal.quantize import QuantSpec, convert_for_runtime, empty_quantized_linear
 from vlm.adapter import GLU
 from vlm.vit import ViTAttention, ViTMLP
 
@@ -438,14 +439,14 @@ def shard_model(
     return model
 
 
-def _finish(model: nn.Module, plan: TPPlan, quantize, group) -> None:
+def _finish(model: nn.Module, plan: TPPlan, quantize, group, communicate: bool = True) -> None:
     """Quantize every plain Linear (cut or replicated, as a whole-model quantization pass would, so TP=1 is the
     exact twin), then attach the collectives to whatever module now sits at each name."""
     if quantize is not None:
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear:
                 _replace_module(model, name, _quantize_shard(quantize, module, name, plan))
-    if plan.world > 1:
+    if plan.world > 1 and communicate:
         _add_communication(model, plan, group or dist.group.WORLD)
 
 
@@ -532,18 +533,25 @@ class RankWeights:
         return (self.total_bytes - self.replicated_bytes) / self.world + self.replicated_bytes
 
 
-def tp_weight_report(build_fn: Callable[[], nn.Module], world: int) -> RankWeights:
-    """Per-rank weight bytes of `build_fn()` sharded over `world` ranks, computed on the meta device."""
+def tp_weight_report(build_fn: Callable[[], nn.Module], world: int, quant: QuantSpec | None = None) -> RankWeights:
+    """Per-rank weight bytes of `build_fn()` sharded over `world` ranks, computed on the meta device; with `quant`,
+    of the weight-only quantized shards (a ValueError when an INT4 group size does not divide a shard)."""
     full = build_on_meta(build_fn)
+    if quant is not None:
+        convert_for_runtime(full, quant)
     total = weight_bytes(full)
     rank_bytes, replicated = [], 0
     for rank in range(world):
         model = build_on_meta(build_fn)
         plan = plan_tp(model, rank, world)
+        if world > 1:
+            cut_parameters(model, plan)
+        if quant is not None:
+            _finish(model, plan, lambda linear, name: empty_quantized_linear(linear, quant, name), group=None,
+                    communicate=False)
         if rank == 0:
-            sharded = {key for key, shard in plan.params.items() if not shard.zeros}
-            state = model.state_dict()
-            replicated = sum(t.numel() * t.element_size() for key, t in state.items() if key not in sharded)
-        cut_parameters(model, plan)
+            cut = {key.rpartition(".")[0] for key, shard in plan.params.items() if not shard.zeros}
+            replicated = sum(t.numel() * t.element_size() for key, t in model.state_dict().items()
+                             if key.rpartition(".")[0] not in cut)
         rank_bytes.append(weight_bytes(model))
     return RankWeights(world, total, tuple(rank_bytes), replicated)

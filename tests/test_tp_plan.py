@@ -106,8 +106,17 @@ def test_each_rank_holds_about_a_world_th_of_chatglm3(world):
     report = tp.tp_weight_report(lambda: GLMModel(GLMConfig.from_preset("chatglm3-6b")), world)
     assert report.total_bytes == 4 * 6_243_584_000  # fp32, THUDM's 6.24 B parameters
     assert len(set(report.rank_bytes)) == 1  # every rank holds the same amount
-    assert report.replicated_bytes < 0.001 * report.total_bytes  # norms and the QKV bias only
+    assert report.replicated_bytes < 0.001 * report.total_bytes  # the norms
     # Beyond 2 ranks the 2 KV groups are held by several ranks each; that is the only excess over total / world.
     kv_weights = 28 * 2 * 2 * 128 * (4096 + 1) * 4  # layers x (k, v) x groups x head_dim x (hidden + bias) x fp32
     excess = kv_weights * (max(1, world // 2) - 1) / world
     assert report.rank_bytes[0] == pytest.approx(report.ideal_bytes + excess, rel=1e-6)
+
+
+def test_bench_tp_prints_per_rank_bytes(capsys):
+    from multimodal.cli import main
+
+    assert main(["bench", "tp", "--models", "glm-4-9b", "--worlds", "2", "--quant", "int4", "--group-size", "32"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("glm-4-9b"))
+    total, rank, share = map(float, row.split()[2:5])
+    assert rank == pytest.approx(total / 2, rel=0.01) and share == pytest.approx(total / 2, rel=1e-3)
