@@ -29,6 +29,7 @@ A row-parallel bias is added once: ranks other than 0 hold zeros in its place, s
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from torch import nn
 
 from diffusion.denoiser import DiTBlock
 from glm.model import GLMAttention, GLMModel, SwiGLU
-from multimodal.checkpoint import CheckpointError, LazyCheckpoint, build_on_meta, load_into
+from multimodal.checkpoint import NATIVE_CONFIG, CheckpointError, LazyCheckpoint, build_on_meta, load_into
 from multimodal.quantize import QuantSpec, convert_for_runtime, empty_quantized_linear
 from vlm.adapter import GLU
 from vlm.vit import ViTAttention, ViTMLP
@@ -494,6 +495,12 @@ def load_sharded(
     """
     rank, world = _rank_and_world(rank, world)
     if isinstance(source, (str, Path)):
+        config_path = Path(source) / NATIVE_CONFIG
+        if config_path.exists() and "quant" in json.loads(config_path.read_text()):
+            raise CheckpointError(
+                f"{source} is already quantized; tensor parallel shards first and quantizes each shard, so load "
+                f"the float checkpoint with --quant instead."
+            )
         source = LazyCheckpoint(source)
     model = build_on_meta(build_fn)
     plan = plan_tp(model, rank, world)

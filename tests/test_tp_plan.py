@@ -120,3 +120,22 @@ def test_bench_tp_prints_per_rank_bytes(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("glm-4-9b"))
     total, rank, share = map(float, row.split()[2:5])
     assert rank == pytest.approx(total / 2, rel=0.01) and share == pytest.approx(total / 2, rel=1e-3)
+
+
+def test_load_sharded_reads_slices_and_refuses_quantized_checkpoints(glm, tmp_path):
+    from multimodal.checkpoint import CheckpointError, save_native
+    from multimodal.quantize import save_quantized
+
+    save_native(glm.state_dict(), TINY.to_dict(), tmp_path / "float", kind="glm")
+    shards = [tp.plan_tp(GLMModel(TINY), rank, 2) for rank in range(2)]
+    assert [plan.params["layers.0.mlp.down.weight"].ranges for plan in shards] == [((0, 44),), ((44, 88),)]
+    # World 1 through the same path: the whole model, equal to the original.
+    loaded = tp.load_sharded(tmp_path / "float", lambda: GLMModel(TINY), 0, 1)
+    ids = torch.arange(10)[None]
+    torch.testing.assert_close(loaded(ids), glm(ids), rtol=0, atol=0)
+
+    spec = QuantSpec("int8")
+    save_quantized(tp.shard_model(copy.deepcopy(glm), 0, 1, quantize=lambda linear, name: quantize_linear(
+        linear, spec, name)), spec, TINY.to_dict(), tmp_path / "int8", kind="glm")
+    with pytest.raises(CheckpointError, match="already quantized.*--quant"):
+        tp.load_sharded(tmp_path / "int8", lambda: GLMModel(TINY), 0, 2)
