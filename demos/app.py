@@ -71,12 +71,14 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
             raise _friendly(error) from None
         yield messages, GroundedAnswer.parse(answer, image).drawn_on(image), ""
 
-    def draw(prompt: str, seed: float, steps: float, guidance: float, size: str, progress=gr.Progress()):
+    def draw(prompt: str, negative: str, seed: float, steps: float, guidance: float, size: str,
+             progress=gr.Progress()):
         height, width = _size(size)
         progress(0, desc="drawing")
         try:
-            drawing = engine.draw(prompt, size=(height, width), steps=int(steps), guidance_scale=float(guidance),
-                                  seed=int(seed), progress=lambda step, total: progress(step / total, desc="drawing"))
+            drawing = engine.draw(prompt, negative, size=(height, width), steps=int(steps),
+                                  guidance_scale=float(guidance), seed=int(seed),
+                                  progress=lambda step, total: progress(step / total, desc="drawing"))
         except (EngineError, ValueError) as error:
             raise _friendly(error) from None
         return drawing.base[0], drawing.relay[0]
@@ -101,7 +103,6 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
                  for row in rows]
         return table, str(download)
 
-    sizes = [f"{w}x{h}" for h, w in engine.draw_sizes]
     with gr.Blocks(title="GLM multimodal", analytics_enabled=False) as app:
         gr.Markdown(f"## GLM multimodal demo\nModel: `{engine.name}`")
         with gr.Tab("Chat & ground"):
@@ -122,18 +123,10 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
             clear = gr.Button("New conversation", elem_id="clear")
 
         with gr.Tab("Draw"):
-            prompt = gr.Textbox(label="Prompt", placeholder="a dog with a hat", elem_id="prompt")
-            gr.Examples(DRAW_EXAMPLES, inputs=[prompt], label="Prompts")
-            with gr.Row():
-                draw_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                steps = gr.Slider(1, 50, value=12, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, 10, value=3.0, step=0.5, label="Guidance", elem_id="guidance")
-                size = gr.Dropdown(sizes, value=sizes[0], label="Size", elem_id="size")
-            draw_button = gr.Button("Draw", variant="primary", elem_id="draw")
-            with gr.Row():
-                base = gr.Image(label="Base stage", interactive=False, format="png", elem_id="base", height=320)
-                relay = gr.Image(label="Relay stage (final)", interactive=False, format="png", elem_id="relay",
-                                 height=320)
+            if engine.draw_sizes:
+                _draw_tab(engine, draw)
+            else:
+                gr.Markdown(f"The model `{engine.name}` has no text-to-image stage; load a suite with `diffusion/`.")
 
         with gr.Tab("Caption"):
             files = gr.File(file_count="multiple", label="Images", elem_id="caption-files")
@@ -149,10 +142,28 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
         clear.click(lambda: ([], None), None, [chat, boxed])
         for trigger in (ask_button.click, question.submit):
             trigger(ask, [image, question, chat], [chat, boxed, question])
-        draw_button.click(draw, [prompt, draw_seed, steps, guidance, size], [base, relay])
         caption_button.click(caption, [files, grounded], [table, download])
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app
+
+
+def _draw_tab(engine, draw) -> None:
+    """Prompt, examples and settings -> the base and relay images side by side."""
+    sizes = [f"{w}x{h}" for h, w in engine.draw_sizes]
+    default_steps, default_guidance = engine.draw_defaults
+    prompt = gr.Textbox(label="Prompt", placeholder="a dog with a hat", elem_id="prompt")
+    gr.Examples(DRAW_EXAMPLES, inputs=[prompt], label="Prompts")
+    negative = gr.Textbox(label="Negative prompt (optional)", elem_id="negative")
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+        steps = gr.Slider(1, 50, value=default_steps, step=1, label="Base steps", elem_id="steps")
+        guidance = gr.Slider(0, 10, value=default_guidance, step=0.5, label="Guidance", elem_id="guidance")
+        size = gr.Dropdown(sizes, value=sizes[0], label="Size", elem_id="size")
+    button = gr.Button("Draw", variant="primary", elem_id="draw")
+    with gr.Row():
+        base = gr.Image(label="Base stage", interactive=False, format="png", elem_id="base", height=320)
+        relay = gr.Image(label="Relay stage (final)", interactive=False, format="png", elem_id="relay", height=320)
+    button.click(draw, [prompt, negative, seed, steps, guidance, size], [base, relay])
 
 
 def _text(content) -> str:

@@ -245,6 +245,11 @@ class Engine:
         """(height, width) pairs the painter can produce, the default first; none without a painter."""
         return list(self.painter.sizes) if self.painter is not None else []
 
+    @property
+    def draw_defaults(self) -> tuple[int, float]:
+        """The painter's own (base-stage steps, guidance scale), for forms that show them."""
+        return self.painter.config.base_steps, self.painter.config.guidance_scale
+
     def draw(self, prompt: str, negative_prompt: str = "", size: tuple[int, int] | None = None,
              steps: int | None = None, guidance_scale: float | None = None, num_images: int = 1, seed: int = 0,
              progress: Callable[[int, int], None] | None = None) -> Drawing:

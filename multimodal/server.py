@@ -168,6 +168,8 @@ def chat_request(body: ChatCompletionBody, default_max_tokens: int) -> ChatReque
 
 
 def parse_size(size: str | None, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    if not sizes:
+        raise APIError(400, "This model has no text-to-image stage.", "model")
     if size is None:
         return sizes[0]
     available = ", ".join(f"{w}x{h}" for h, w in sizes)

@@ -61,18 +61,25 @@ class Painted:
     relay: list
 
 
+@dataclass(frozen=True)
+class PainterConfig:
+    base_steps: int = 4
+    guidance_scale: float = 2.5
+
+
 class ScriptedPainter:
     """Draws flat images whose colour is a function of the prompt and the seed; reports every step."""
 
     sizes = ((32, 32), (64, 64))
+    config = PainterConfig()
 
     def __call__(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                  num_images_per_prompt, seed, callback):
-        steps = num_inference_steps or 4
+        steps = num_inference_steps or self.config.base_steps
         for step in range(steps):
             if callback is not None:
                 callback(step + 1, steps)
-        colours = [colour_of(prompt, seed + i) for i in range(num_images_per_prompt)]
+        colours = [colour_of(prompt + negative_prompt, seed + i) for i in range(num_images_per_prompt)]
         base = [Image.new("RGB", (width // 2, height // 2), c) for c in colours]
         relay = [Image.new("RGB", (width, height), c) for c in colours]
         return Painted(base, relay)

@@ -9,6 +9,7 @@ engine, the demo and Gradio are real. Screenshots are saved in the test's tmp di
 from __future__ import annotations
 
 import io
+import re
 import socket
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def test_demo_in_a_browser(tmp_path):
             # Caption: a good and a broken file -> a table with a caption row and an error row, and a JSONL file.
             page.get_by_role("tab", name="Caption").click()
             page.locator("#caption-files input[type=file]").set_input_files([str(photo), str(broken)])
-            expect(page.locator("#caption-files")).to_contain_text("broken.png", timeout=20_000)
+            # Both uploads listed (the file list splits names into stem and suffix, so match the row's name).
+            expect(page.locator("#caption-files").get_by_role("row", name=re.compile(r"^broken\.png"))).to_be_visible(
+                timeout=20_000)
             page.locator("#caption").click()
             table = page.locator("#caption-table")
             expect(table).to_contain_text("truncated or corrupt", timeout=20_000)
@@ -103,6 +106,9 @@ def test_demo_in_a_browser(tmp_path):
             page.locator("#q textarea").fill("   ")
             page.locator("#ask").click()
             expect(page.get_by_text("Type a question about the image.")).to_be_visible(timeout=20_000)
+            page.locator("#make-scene").click()  # a scene replaces the photo and starts a new conversation
+            expect(page.locator("#chat")).not_to_contain_text("Where is the dog?", timeout=20_000)
+            expect(page.locator("#chat-image img")).to_be_visible()
             browser.close()
 
         oversized = httpx.post(url.rstrip("/") + "/gradio_api/upload",

@@ -108,6 +108,19 @@ def test_a_saved_suite_loads_back_with_the_same_answers_and_quantizes(engine, tm
         lone_vlm.draw("a dog")
 
 
+def test_a_model_without_drawing_is_served_with_a_clear_4xx(engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from multimodal.server import create_app
+
+    engine.save(tmp_path / "suite")
+    lone_vlm = Engine.load(tmp_path / "suite" / "vlm")
+    with TestClient(create_app(lone_vlm)) as client:
+        response = client.post("/v1/images/generations", json={"prompt": "a dog"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "This model has no text-to-image stage."
+
+
 def test_without_embedded_models_or_checkpoint_the_error_says_what_to_do(tmp_path, monkeypatch, capsys):
     import multimodal.engine
     from multimodal.cli import main
