@@ -202,6 +202,9 @@ class WorldConfig:
             raise ValueError(f"The canvas must be at least 32 pixels wide, not {self.size}.")
 
 
+DRAWING = WorldConfig(max_entities=2)  # the text-to-image models' world: one or two entities per scene
+
+
 @dataclass(frozen=True)
 class Background:
     kind: str  # plain | gradient | dots | stripes

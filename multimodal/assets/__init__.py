@@ -1,0 +1,28 @@
+"""The embedded default models and tokenizer, trained by `multimodal train ...` on the EmojiScenes world.
+
+Files: `tokenizer.json` (byte-level BPE with GLM's special tokens), and one native checkpoint folder per model
+(`judge/`, `vlm/`, `diffusion/`). OpenMoji-derived: CC BY-SA 4.0, see `multimodal.world.ATTRIBUTION`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent
+
+
+def asset_path(name: str) -> Path:
+    """The shipped file or folder `name`; a clear error when this installation does not have it."""
+    path = ASSETS_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(
+            f"The embedded {name} is not shipped in {ASSETS_DIR}; train it (`multimodal train`) or pass --checkpoint."
+        )
+    return path
+
+
+def load_world_tokenizer(path: str | Path | None = None):
+    """The world tokenizer (a `glm.tokenizer.GLMTokenizer`) from `path`, or the shipped one."""
+    from glm.tokenizer import GLMTokenizer
+
+    return GLMTokenizer.load(path or asset_path("tokenizer.json"))

@@ -1,0 +1,74 @@
+"""`multimodal eval ground|caption|vqa|draw`: the quality measures of DESIGN section 6 on the test split.
+
+The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
+quantizes them after loading, as every command does. The draw measure also needs the judge (`--judge`, default
+the shipped one) and the single-stage baseline (`diffusion/single/` of the suite folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from multimodal.commands._options import add_model_options
+
+TASKS = ("ground", "caption", "vqa", "draw")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="measure the models on the EmojiScenes test split",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("--count", type=int, default=None,
+                        help="test items (default: 200; 64 for draw)")
+    parser.add_argument("--judge", default=None, help="judge checkpoint folder (default: the shipped judge)")
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    add_model_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from multimodal.engine import Engine
+    from multimodal.evaluation import evaluate_draw, evaluate_understanding
+
+    engine = Engine.from_args(args)
+    count = args.count or (64 if args.task == "draw" else 200)
+    if count < 2:
+        raise ValueError(f"--count must be at least 2, not {count}.")
+    if args.task == "draw":
+        result = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge), count,
+                               seed=args.seed)
+    else:
+        chat = engine.chat_model
+
+        def answer(images, questions, max_new_tokens):
+            from multimodal.engine import Sampling
+
+            sampling = Sampling(max_new_tokens=max_new_tokens)
+            return chat.answer_batch(images, [[("user", q)] for q in questions], sampling)
+
+        result = evaluate_understanding(args.task, answer, count)
+    print(result.line() + (f" [{args.quant}]" if args.quant != "none" else ""))
+    if args.json:
+        record = {"task": result.task, "measure": result.measure, "value": result.value, "count": result.count,
+                  "bar": result.bar, "passed": result.passed, "quant": args.quant, **result.details}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _single_stage(checkpoint: str | None):
+    from diffusion.pipeline import load_dit
+    from multimodal.assets import ASSETS_DIR
+
+    folder = (Path(checkpoint) if checkpoint else ASSETS_DIR) / "diffusion" / "single"
+    if not folder.exists():
+        raise FileNotFoundError(f"The draw measure needs the single-stage baseline at {folder}.")
+    return load_dit(folder)
+
+
+def _judge(path: str | None):
+    from multimodal.assets import asset_path, load_world_tokenizer
+    from multimodal.judge import load_judge
+
+    return load_judge(path or asset_path("judge"), load_world_tokenizer())

@@ -1,0 +1,59 @@
+"""`multimodal train tokenizer|judge|vlm|diffusion`: train an embedded default model on the EmojiScenes world.
+
+Runs resume from their folder (`--out`), print progress, and keep one thread by default so several jobs can share a
+small CPU. The recipe that produced the shipped models is in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+MODELS = ("tokenizer", "judge", "vlm", "diffusion")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train an embedded model on the EmojiScenes world",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=MODELS)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the batch order")
+    parser.add_argument("--out", default=None, help="run folder (default runs/<model>; tokenizer: a .json path)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (the schedule's length)")
+    parser.add_argument("--minutes", type=float, default=None, help="stop (after saving) when this much time passed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for this job")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped one)")
+    parser.add_argument("--text-encoder", default=None,
+                        help="diffusion: the VLM run whose frozen GLM core encodes prompts (default: the shipped VLM)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else Path("runs") / args.model
+    if args.model == "tokenizer":
+        from multimodal.training.tokenizer import save_tokenizer, train_tokenizer
+
+        path = save_tokenizer(train_tokenizer(), out if out.suffix == ".json" else out / "tokenizer.json")
+        print(f"saved {path}")
+        return 0
+
+    from multimodal.assets import load_world_tokenizer
+
+    tokenizer = load_world_tokenizer(args.tokenizer)
+    budget = {"minutes": args.minutes} | ({"steps": args.steps} if args.steps else {})
+    if args.model == "judge":
+        from multimodal.training.judge import train_judge
+
+        path = train_judge(out, tokenizer, seed=args.seed, **budget)
+    elif args.model == "vlm":
+        from multimodal.training.vlm import train_vlm
+
+        path = train_vlm(out, tokenizer, seed=args.seed, **budget)
+    else:
+        from multimodal.training.diffusion import train_diffusion
+
+        path = train_diffusion(out, tokenizer, text_encoder=args.text_encoder, seed=args.seed, **budget)
+    print(f"saved {path}")
+    return 0

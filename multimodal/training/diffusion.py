@@ -1,0 +1,109 @@
+"""Training the embedded text-to-image models: a base DiT at 32x32, a relay DiT at 64x64, and a single-stage DiT at
+64x64 that exists only as the equal-compute baseline of the relay claim (`multimodal eval draw`).
+
+Prompts are encoded by the VLM's GLM core, frozen (CogView4 uses GLM-4 the same way): the states of its
+second-to-last layer. The core is final once the VLM's language stage is done, so this can train beside the VLM's
+vision stage; the run records the core's fingerprint and the export checks the shipped VLM has the same one.
+
+Data: scenes of the drawing world (`world.DRAWING`: one or two entities) from the train split, each with one of its
+drawing prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗"); 10% of prompts are dropped to ""
+so classifier-free guidance has an unconditional model. Losses: EDM's for the base and the single-stage model,
+RDM's blurring loss with block noise for the relay model. One optimizer steps all three on the same batch.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffusion.denoiser import DiT, DiTConfig
+from diffusion.pipeline import RelayConfig
+from diffusion.relay import relay_loss
+from diffusion.sampling import EDMDenoiser, edm_loss
+from diffusion.text_encoder import GLMTextEncoder
+from glm.tokenizer import GLMTokenizer
+from multimodal.checkpoint import read_native_config
+from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.vlm import core_fingerprint
+from multimodal.world import DRAWING, scene_tasks
+from vlm.convert import load_vlm
+
+KIND = "diffusion-training"
+PROMPT_DROPOUT = 0.1
+
+
+def world_dit_config(text_dim: int, patch_size: int) -> DiTConfig:
+    """64 image tokens whatever the stage: 32x32 with patch 4, or 64x64 with patch 8."""
+    return DiTConfig(patch_size=patch_size, in_channels=3, out_channels=3, num_layers=3, num_heads=4, head_dim=24,
+                     text_dim=text_dim, time_embed_dim=128, condition_dim=16)
+
+
+class Stages(nn.Module):
+    """The three denoisers trained together (one state dict for checkpoints)."""
+
+    def __init__(self, text_dim: int):
+        super().__init__()
+        self.base = DiT(world_dit_config(text_dim, 4))
+        self.relay = DiT(world_dit_config(text_dim, 8))
+        self.single = DiT(world_dit_config(text_dim, 8))
+
+
+def draw_prompt(scene, rng: random.Random) -> str:
+    if rng.random() < PROMPT_DROPOUT:
+        return ""
+    return rng.choice([t.prompt for t in scene_tasks(scene) if t.kind == "draw"])
+
+
+def train_diffusion(
+    out_dir: str | Path, tokenizer: GLMTokenizer, text_encoder: str | Path | None, seed: int = 0,
+    steps: int = 3000, batch_size: int = 16, lr: float = 5e-4, scenes: int = 20000, minutes: float | None = None,
+) -> Path:  # fmt: skip
+    if text_encoder is None:
+        raise ValueError("Diffusion training needs --text-encoder: the VLM run (or checkpoint) whose GLM core it uses.")
+    torch.manual_seed(seed)
+    vlm = load_vlm(_vlm_checkpoint(Path(text_encoder)))
+    for param in vlm.parameters():
+        param.requires_grad_(False)
+    encoder = GLMTextEncoder.from_tokenizer(vlm, tokenizer)
+    stages = Stages(vlm.config.hidden_size)
+    relay_config = RelayConfig()
+    optimizer = torch.optim.AdamW(stages.parameters(), lr=lr, weight_decay=0.01)
+    pool = TrainScenes(scenes, 64, DRAWING)
+    run = Run(out_dir, KIND, {"seed": seed, "core_fingerprint": core_fingerprint(vlm), "relay": relay_config.to_dict(),
+                              "text_dim": vlm.config.hidden_size})
+    base, relay, single = (EDMDenoiser(m, relay_config.sigma_data) for m in (stages.base, stages.relay, stages.single))
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng = random.Random(f"diffusion-{seed}-{step}")
+        generator = torch.Generator().manual_seed(rng.randrange(2**63))
+        seeds = pool.batch_seeds(rng, batch_size)
+        prompts = [draw_prompt(pool.scene(s), rng) for s in seeds]
+        states, mask = encoder(prompts)
+        cond = {"text": states, "text_mask": mask}
+        images = pool.images(seeds)  # [B, 3, 64, 64] in [-1, 1]
+        small = torch.nn.functional.avg_pool2d(images, relay_config.up_scale)  # [B, 3, 32, 32]
+        losses = (
+            edm_loss(base, small, cond, generator=generator).mean()
+            + relay_loss(relay, images, relay_config.blur, cond, block_scale=relay_config.s_block,
+                         generator=generator).mean()
+            + edm_loss(single, images, cond, generator=generator).mean()
+        )  # fmt: skip
+        return losses
+
+    train(run, stages, optimizer, Schedule(steps, lr), step_loss, minutes=minutes)
+    return run.model_dir
+
+
+def _vlm_checkpoint(path: Path) -> Path:
+    """A VLM checkpoint, or a VLM run folder's: its vision stage, or its language stage once that has finished
+    (the core is final from then on)."""
+    for candidate in (path / "model", path / "language" / "model", path):
+        if (candidate / "config.json").exists():
+            meta = read_native_config(candidate, "vlm")
+            if meta.get("stage") == "language" and meta["step"] < meta["language_steps"]:
+                raise ValueError(f"The VLM's language stage in {candidate} has not finished; wait for it.")
+            return candidate
+    raise FileNotFoundError(f"No VLM checkpoint in {path}; train the VLM's language stage first.")

@@ -1,0 +1,71 @@
+"""Training the judge: symmetric contrastive loss (CLIP) on rendered train scenes and their texts.
+
+Each image is paired with one of its texts, drawn per step: the English or Chinese caption, a drawing prompt
+("a dog with a hat"), or "a {name}" for one of its objects (the single-object prompts the zero-shot presence test
+ranks). Only rendered scenes are used, never generated images.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from glm.tokenizer import GLMTokenizer
+from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
+from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.world import CLASSES, make_scene, scene_tasks, split_seeds
+
+
+def judge_text(scene, rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return CLASSES[rng.choice(scene.objects).name].with_article()
+    texts = [t.answer for t in scene_tasks(scene) if t.kind == "caption"]
+    texts += [t.prompt for t in scene_tasks(scene) if t.kind == "draw"]
+    return rng.choice(texts)
+
+
+def presence_accuracy(judge: Judge, split: str = "val", count: int = 200) -> float:
+    """Fraction of rendered scenes in which every object is found present (the ceiling for generated images)."""
+    from multimodal.training.loop import scene_image
+
+    scenes = [make_scene(seed) for seed in split_seeds(split, count)]
+    images = [scene_image(scene, judge.config.image_size) for scene in scenes]
+    found = judge.presence(images, [[o.name for o in scene.objects] for scene in scenes])
+    return sum(all(result.values()) for result in found) / len(found)
+
+
+def train_judge(
+    out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, batch_size: int = 64,
+    lr: float = 1e-3, scenes: int = 20000, minutes: float | None = None,
+) -> Path:  # fmt: skip
+    torch.manual_seed(seed)
+    config = JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN))
+    model = build_judge(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    pool = TrainScenes(scenes, config.image_size)
+    run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
+
+    def step_loss(step: int) -> torch.Tensor:
+        rng = random.Random(f"judge-{seed}-{step}")
+        seeds = pool.batch_seeds(rng, batch_size)
+        texts = [judge_text(pool.scene(s), rng) for s in seeds]
+        images = pool.images(seeds)  # [B, 3, S, S]
+        ids = text_batch(tokenizer, texts, config.context_length, config.eos_id)  # [B, L]
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(ids, normalize=True)
+        logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
+        # Identical texts in a batch are all positives for each other's images.
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+        targets = same / same.sum(1, keepdim=True)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    def evaluate() -> str:
+        return f"val presence {presence_accuracy(Judge(model, tokenizer, config)):.3f}"
+
+    step = train(run, model, optimizer, Schedule(steps, lr), step_loss, minutes=minutes, evaluate=evaluate,
+                 evaluate_every=500)
+    run.log(f"finished at step {step}: {evaluate()}")
+    return run.model_dir

@@ -1,0 +1,170 @@
+"""What every training loop shares: train-split scenes, checkpoints that resume, a schedule, progress lines.
+
+A run lives in one folder: `model/` (our native format, the weights the commands load), `trainer.pt` (optimizer
+state and step, read back with `weights_only=True`) and `log.txt`. Batches are drawn from an rng seeded by
+(run seed, step), so a resumed run continues exactly where an uninterrupted one would have been.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multimodal.checkpoint import NATIVE_WEIGHTS, check_state_dict, read_state_dict, save_native
+from multimodal.world import Scene, WorldConfig, make_scene, render, split_of, split_seeds
+
+
+def scene_image(scene: Scene, size: int) -> Image.Image:
+    """The scene rendered and resized (antialiased) to the model's square size."""
+    image = render(scene)
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+class TrainScenes:
+    """The first `count` scenes of the train split, rendered lazily at `image_size` and kept as uint8 tensors.
+
+    Only train seeds ever enter: the constructor takes seeds from the train split and `batch_seeds` asserts it again
+    for every seed it hands out, so no test or validation scene can reach a gradient.
+    """
+
+    def __init__(self, count: int, image_size: int, world: WorldConfig = WorldConfig()):
+        self.seeds = split_seeds("train", count)
+        self.image_size = image_size
+        self.world = world
+        self._scenes: dict[int, Scene] = {}
+        self._pixels: dict[int, torch.Tensor] = {}
+
+    def scene(self, seed: int) -> Scene:
+        if seed not in self._scenes:
+            self._scenes[seed] = make_scene(seed, self.world)
+        return self._scenes[seed]
+
+    def pixels(self, seed: int) -> torch.Tensor:
+        """[3, S, S] uint8."""
+        if seed not in self._pixels:
+            array = np.asarray(scene_image(self.scene(seed), self.image_size))
+            self._pixels[seed] = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return self._pixels[seed]
+
+    def batch_seeds(self, rng: random.Random, batch_size: int) -> list[int]:
+        seeds = [self.seeds[rng.randrange(len(self.seeds))] for _ in range(batch_size)]
+        for seed in seeds:
+            assert split_of(seed) == "train", f"seed {seed} is not a train seed"
+        return seeds
+
+    def images(self, seeds: list[int]) -> torch.Tensor:
+        """[B, 3, S, S] float in [-1, 1]."""
+        return torch.stack([self.pixels(seed) for seed in seeds]).float() / 127.5 - 1
+
+
+@dataclass
+class Schedule:
+    steps: int
+    lr: float
+    warmup: int = 200
+    floor: float = 0.1  # the final learning rate, as a fraction of the peak
+
+    def __call__(self, step: int) -> float:
+        """Linear warmup, then cosine decay to `floor x lr` at `steps`."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Run:
+    """A run folder: saves and resumes the model, optimizer and step; prints and logs progress."""
+
+    def __init__(self, out_dir: str | Path, kind: str, config: dict):
+        self.out_dir = Path(out_dir)
+        self.kind = kind
+        self.config = config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / "model"
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load the last checkpoint if there is one; return the step to continue from."""
+        trainer = self.out_dir / "trainer.pt"
+        if not trainer.exists():
+            return 0
+        # Copy into the existing parameters (no assign): the optimizer holds references to them.
+        weights = read_state_dict(self.model_dir / NATIVE_WEIGHTS)
+        check_state_dict(model, weights)
+        model.load_state_dict(dict(weights), strict=True)
+        state = torch.load(trainer, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        self.log(f"resumed {self.kind} at step {state['step']}")
+        return int(state["step"])
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        # Write the trainer state last: a run killed mid-save resumes from the previous, complete checkpoint.
+        save_native(model.state_dict(), {**self.config, "step": step}, self.model_dir, self.kind)
+        tmp = self.out_dir / "trainer.pt.tmp"
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp)
+        tmp.replace(self.out_dir / "trainer.pt")
+
+    def log(self, line: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')} +{(time.monotonic() - self._started) / 60:.1f}m] {line}"
+        print(stamped, flush=True)
+        with open(self.out_dir / "log.txt", "a") as handle:
+            handle.write(stamped + "\n")
+
+
+def train(
+    run: Run,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    step_loss: Callable[[int], torch.Tensor],
+    save_every: int = 200,
+    log_every: int = 20,
+    minutes: float | None = None,
+    evaluate: Callable[[], str] | None = None,
+    evaluate_every: int = 1000,
+) -> int:
+    """The loop: `step_loss(step)` builds the batch of that step and returns its loss; stops after `schedule.steps`
+    steps or `minutes` of wall time, saving on the way out. Returns the step reached."""
+    step = run.resume(model, optimizer)
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    window_loss, window_start = 0.0, time.monotonic()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    while step < schedule.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step)
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        window_loss += loss.item()
+        if step % log_every == 0:
+            rate = log_every / (time.monotonic() - window_start)
+            run.log(f"step {step}/{schedule.steps} loss {window_loss / log_every:.4f} lr {schedule(step):.2e} "
+                    f"{rate:.2f} steps/s")
+            window_loss, window_start = 0.0, time.monotonic()
+        if evaluate is not None and step % evaluate_every == 0:
+            model.eval()
+            run.log(f"step {step} eval: {evaluate()}")
+            model.train()
+        if step % save_every == 0:
+            run.save(model, optimizer, step)
+        if deadline is not None and time.monotonic() > deadline:
+            run.log(f"time budget of {minutes} minutes reached at step {step}")
+            break
+    run.save(model, optimizer, step)
+    model.eval()
+    return step

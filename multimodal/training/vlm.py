@@ -1,0 +1,152 @@
+"""Training the embedded VLM in CogVLM's two stages, on EmojiScenes train scenes.
+
+1. Language: the GLM core alone learns the world's text as chat turns (question -> answer, no image).
+2. Vision: the core is frozen, as CogVLM freezes its language model; the ViT, the adapter and the visual experts
+   (initialised as copies of the language expert, as CogVLM does) learn to answer about the image: captions,
+   grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese.
+
+Freezing the core is what lets the diffusion model use the very same GLM as its frozen text encoder (CogView4
+encodes prompts with GLM): the core's weights are final after stage 1, so the two models can train side by side.
+Each stage is its own run folder (`<out>/language`, `<out>`) and resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from glm.model import GLMConfig
+from glm.tokenizer import GLMTokenizer
+from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.world import Scene, Task, scene_tasks
+from vlm.adapter import AdapterConfig
+from vlm.model import VisionLanguageModel, VLMConfig
+from vlm.processor import Processor
+from vlm.vit import ViTConfig
+
+KIND = "vlm"
+STOP_TOKEN = "<|user|>"  # a reply ends where the next user turn would begin (GLM-4 chat)
+TASK_WEIGHTS = {"refer": 0.35, "vqa": 0.35, "caption": 0.15, "grounded_caption": 0.15}
+
+
+def world_vlm_config(vocab_size: int) -> VLMConfig:
+    """64x64 images, 8x8 patches merged 2x2 by the adapter's conv: 16 patch tokens + boi + eoi."""
+    text = GLMConfig(vocab_size=vocab_size, hidden_size=192, num_layers=4, num_heads=6, num_kv_groups=2, head_dim=32,
+                     ffn_hidden_size=512, norm_eps=1e-5, rope_ratio=1.0, max_seq_len=320)
+    vision = ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=256)
+    adapter = AdapterConfig(vision_width=128, hidden=192, ffn=512, conv_width=128)
+    return VLMConfig(text=text, vision=vision, adapter=adapter, template="suite")
+
+
+def is_language_parameter(name: str) -> bool:
+    """The GLM core: embeddings, language experts, the shared norms and the output layer."""
+    return not (name.startswith(("vision.", "adapter.")) or ".vision_" in name)
+
+
+def core_fingerprint(model: VisionLanguageModel) -> str:
+    """A hash of the GLM core's weights: the VLM and the diffusion text encoder must agree on it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if is_language_parameter(name):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sample_kind(rng: random.Random) -> str:
+    """One task kind per batch: answers of one kind have similar lengths, so little compute goes to padding."""
+    kinds = list(TASK_WEIGHTS)
+    return rng.choices(kinds, weights=[TASK_WEIGHTS[k] for k in kinds])[0]
+
+
+def sample_task(scene: Scene, kind: str, rng: random.Random) -> Task:
+    return rng.choice([t for t in scene_tasks(scene) if t.kind == kind])
+
+
+def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task], with_image: bool):
+    """(before, after) token rows with the answer and stop token appended, and the answer lengths."""
+    stop = tokenizer.token_id(STOP_TOKEN)
+    rows, lengths = [], []
+    for task in tasks:
+        before, after = processor.prompt_ids(task.prompt, with_image=with_image)
+        answer = tokenizer.encode(task.answer) + [stop]
+        rows.append((before, after + answer))
+        lengths.append(len(answer))
+    return rows, lengths
+
+
+def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Cross-entropy of the answer tokens, which end every row (the processor right-aligns rows)."""
+    labels = torch.full_like(input_ids, -100)
+    for row, length in enumerate(lengths):
+        labels[row, -length:] = input_ids[row, -length:]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> the processor's normalisation (multimodal.image.to_tensor)."""
+    mean = torch.tensor(config.vision.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.vision.std).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def train_vlm(
+    out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, language_steps: int = 400,
+    batch_size: int = 16, lr: float = 1e-3, scenes: int = 20000, minutes: float | None = None,
+) -> Path:  # fmt: skip
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = world_vlm_config(tokenizer.vocab_size)
+    processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
+    pool = TrainScenes(scenes, config.vision.image_size)
+    meta = {**config.to_dict(), "seed": seed}  # the native VLM format (vlm.convert.load_vlm) plus the recipe
+
+    # Stage 1: the language core on text alone.
+    model = VisionLanguageModel(config).init_weights(generator=torch.Generator().manual_seed(seed))
+    language = [p for n, p in model.named_parameters() if is_language_parameter(n)]
+    optimizer = torch.optim.AdamW(language, lr=lr, weight_decay=0.01)
+    run = Run(out_dir / "language", KIND, {**meta, "stage": "language", "language_steps": language_steps})
+
+    def language_loss(step: int) -> torch.Tensor:
+        rng = random.Random(f"vlm-language-{seed}-{step}")
+        kind = sample_kind(rng)
+        tasks = [sample_task(pool.scene(s), kind, rng) for s in pool.batch_seeds(rng, batch_size)]
+        rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=False)
+        inputs = processor.layout(rows, 0)
+        logits = model(inputs.input_ids, positions=inputs.positions, attention_mask=inputs.attention_mask)
+        return answer_loss(logits, inputs.input_ids, lengths)
+
+    train(run, model, optimizer, Schedule(language_steps, lr, warmup=100), language_loss)
+
+    # Stage 2: freeze the core; the vision expert starts as a copy of the language expert.
+    for layer in model.layers:  # (a resumed run overwrites these with its checkpoint)
+        layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
+        layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
+        layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
+    for name, param in model.named_parameters():
+        param.requires_grad_(not is_language_parameter(name))
+    fingerprint = core_fingerprint(model)
+    vision = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
+    run = Run(out_dir, KIND, {**meta, "stage": "vision", "core_fingerprint": fingerprint})
+
+    def vision_loss(step: int) -> torch.Tensor:
+        rng = random.Random(f"vlm-vision-{seed}-{step}")
+        kind = sample_kind(rng)
+        seeds = pool.batch_seeds(rng, batch_size)
+        tasks = [sample_task(pool.scene(s), kind, rng) for s in seeds]
+        rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True)
+        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
+        inputs = processor.layout(rows, config.image_tokens, pixels)
+        logits = model(inputs.input_ids, image_embeds=model.encode_image(inputs.pixels),
+                       image_start=inputs.image_start, positions=inputs.positions,
+                       attention_mask=inputs.attention_mask)
+        return answer_loss(logits, inputs.input_ids, lengths)
+
+    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes)
+    assert core_fingerprint(model) == fingerprint, "the frozen GLM core changed during the vision stage"
+    return run.model_dir

@@ -1,0 +1,70 @@
+"""The judge: open_clip model round-trips through our checkpoint format; the Frechet distance and the presence
+ranking against slow obvious references; evaluation helpers (IoU, caption F1, equal-compute steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multimodal.assets import load_world_tokenizer
+from multimodal.checkpoint import save_native
+from multimodal.evaluation import caption_f1, iou, normalise_answer
+from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, frechet_distance, load_judge
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_world_tokenizer()
+
+
+def _tiny(tokenizer) -> JudgeConfig:
+    return JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN), image_size=32,
+                       vision_width=64, vision_layers=1, text_width=64, text_layers=1, head_width=32, embed_dim=16)
+
+
+def test_saved_judge_loads_and_gives_the_same_features(tmp_path, tokenizer, generator):
+    config = _tiny(tokenizer)
+    torch.manual_seed(7)
+    model = build_judge(config).eval()
+    save_native(model.state_dict(), {"judge": config.__dict__}, tmp_path, "judge")
+    loaded = load_judge(tmp_path, tokenizer)
+    images = torch.rand(3, 3, 32, 32, generator=generator) * 2 - 1
+    torch.testing.assert_close(loaded.image_features(images), Judge(model, tokenizer, config).image_features(images))
+    texts = ["a dog with a hat", "一只戴着帽子的狗", ""]
+    torch.testing.assert_close(loaded.text_features(texts), Judge(model, tokenizer, config).text_features(texts))
+    scores = loaded.clip_score(images, texts)
+    assert scores.shape == (3,) and (scores >= 0).all() and (scores <= 100).all()
+
+
+def test_presence_is_top_k_ranking_of_single_object_prompts(tokenizer, generator):
+    config = _tiny(tokenizer)
+    judge = Judge(build_judge(config), tokenizer, config)
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    from multimodal.world import VOCABULARY
+
+    similarity = judge.image_features([image]) @ judge.text_features([c.with_article() for c in VOCABULARY]).T
+    order = [VOCABULARY[i].name for i in similarity[0].argsort(descending=True).tolist()]
+    (found,) = judge.presence([image], [[order[0], order[40]]])
+    assert found == {order[0]: True, order[40]: False}
+    (found,) = judge.presence([image], [[order[1], order[0], order[1]]])  # duplicates count once: k = 2
+    assert found == {order[0]: True, order[1]: True}
+
+
+def test_frechet_distance_matches_the_gaussian_formula():
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.normal(size=(4000, 3)))
+    b = torch.from_numpy(rng.normal(size=(4000, 3)) * 2 + np.array([1.0, 0.0, -1.0]))
+    # N(0, I) vs N(mu, 4I): |mu|^2 + tr(I + 4I - 2 * 2I) = 2 + 3
+    assert frechet_distance(a, b) == pytest.approx(5.0, rel=0.08)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluation_helpers():
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert caption_f1({"dog", "top hat"}, {"dog", "top hat", "apple"}) == pytest.approx(0.8)
+    assert caption_f1(set(), {"dog"}) == 0.0
+    assert normalise_answer(" Blue. ") == "blue" and normalise_answer("蓝色。") == "蓝色"

@@ -1,0 +1,86 @@
+"""Training machinery: train-split-only batches, exact resume, the schedule, and the world tokenizer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from multimodal.assets import load_world_tokenizer
+from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.tokenizer import GLM_SPECIAL_TOKENS
+from multimodal.world import SPLITS, make_scene, scene_tasks, split_seeds
+
+
+def test_batches_hold_only_train_seeds():
+    pool = TrainScenes(50, 32)
+    seeds = pool.batch_seeds(random.Random(3), 64)
+    assert all(seed in SPLITS["train"] for seed in seeds)
+    images = pool.images(seeds[:4])
+    assert images.shape == (4, 3, 32, 32) and -1 <= images.min() and images.max() <= 1
+    pool.seeds = split_seeds("test", 5)  # a pool that was pointed at the test split must refuse to hand it out
+    with pytest.raises(AssertionError, match="not a train seed"):
+        pool.batch_seeds(random.Random(3), 8)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _fit(run_dir, total: int, interrupt_at: int | None = None) -> dict:
+    """Train a small regression for `total` steps; with `interrupt_at`, the process "dies" at that step and a
+    fresh process (new model, new optimizer) resumes from the run folder."""
+    target = torch.nn.Linear(5, 1)
+    torch.nn.init.constant_(target.weight, 0.3)
+    torch.nn.init.constant_(target.bias, -0.2)
+
+    def attempt(init_seed: int, die_at: int | None):
+        torch.manual_seed(init_seed)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step_loss(step: int) -> torch.Tensor:
+            if step == die_at:
+                raise Interrupted
+            x = torch.randn(16, 5, generator=torch.Generator().manual_seed(100 + step))
+            return ((model(x) - target(x).detach()) ** 2).mean()
+
+        train(Run(run_dir, "test", {}), model, optimizer, Schedule(total, 1e-2, warmup=3), step_loss, save_every=2,
+              log_every=1000)
+        return model
+
+    if interrupt_at is not None:
+        with pytest.raises(Interrupted):
+            attempt(0, interrupt_at)
+    model = attempt(0 if interrupt_at is None else 1, None)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = _fit(tmp_path / "straight", 9)
+    resumed = _fit(tmp_path / "resumed", 9, interrupt_at=4)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    schedule = Schedule(steps=100, lr=1.0, warmup=10, floor=0.1)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    values = [schedule(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert schedule(100) == pytest.approx(0.1)
+
+
+def test_world_tokenizer_round_trips_world_text_with_single_digit_tokens():
+    tokenizer = load_world_tokenizer()
+    for name in GLM_SPECIAL_TOKENS:
+        assert tokenizer.token_id(name) == tokenizer.backend.token_to_id(name)
+    seed = random.Random(5).choice(split_seeds("test", 1000))  # unseen text still round-trips (byte level)
+    for task in scene_tasks(make_scene(seed)):
+        for text in (task.prompt, task.answer):
+            assert tokenizer.decode(tokenizer.encode(text)) == text
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("[[086,540,400,760]]")]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("086540400760")  # one token per digit
+    assert tokenizer.encode("<|user|>") != [tokenizer.token_id("<|user|>")]  # specials in text stay text
