@@ -13,7 +13,16 @@ from transformers.generation.logits_process import (
 )
 
 from glm.convert import HF_TABLE
-from glm.generate import SamplingConfig, generate, generate_tokens, process_logits, sample, stream_text
+from glm.generate import (
+    PackedLinear,
+    SamplingConfig,
+    generate,
+    generate_tokens,
+    pack_for_cpu,
+    process_logits,
+    sample,
+    stream_text,
+)
 from glm.model import GLMConfig, GLMModel
 from glm.tokenizer import train_bpe
 from multimodal.checkpoint import convert
@@ -149,3 +158,19 @@ def test_prompt_longer_than_context_is_a_clear_error():
         generate(model, [[5], []], SamplingConfig(max_new_tokens=4))
     # a prompt that fits generates only up to the end of the context
     assert len(generate(model, [list(range(2, 14))], SamplingConfig(max_new_tokens=10))[0]) == 4
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_cpu_linears_match_plain_model():
+    import copy
+
+    model = tiny_model(seed=5)
+    packed = pack_for_cpu(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * 2 + 1
+    prompts = random_prompts([7, 3], seed=6)
+    ids = torch.tensor(prompts[0])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), model(ids), atol=1e-4, rtol=1e-5)
+    config = SamplingConfig(max_new_tokens=12)
+    assert generate(packed, prompts, config) == generate(model, prompts, config)

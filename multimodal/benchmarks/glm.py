@@ -1,0 +1,123 @@
+"""`multimodal bench glm --vs transformers`: greedy decode speed of our GLM against transformers' GlmForCausalLM.
+
+Both models hold the same random weights (transformers' model is built first; ours is imported from its state dict
+through the same key table as a real checkpoint). For each batch size both run a greedy generation of `--new-tokens`
+tokens after a `--prompt-len` prompt, and a 1-token generation; prefill tokens/s is prompt tokens / time of the
+1-token run, decode tokens/s is B * (new - 1) / (time of the full run - time of the 1-token run). Every measurement
+is the best of `--repeats`. The first generated tokens of the two models are compared, so a speed-up cannot come
+from computing something else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from glm.convert import HF_TABLE
+from glm.generate import SamplingConfig, generate, pack_for_cpu
+from glm.model import GLMConfig, GLMModel, param_count
+from multimodal.checkpoint import build_on_meta, convert, load_into
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("glm", help="GLM greedy decode tokens/s, ours vs transformers, on the same weights")
+    parser.add_argument("--vs", choices=["transformers"], default="transformers", help="the peer to compare with")
+    parser.add_argument("--preset", default="bench-200m", help="model shape (a glm.model preset)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true",
+                        help="also time our model with plain F.linear (no oneDNN weight prepacking)")
+    parser.set_defaults(func=run)
+
+
+def hf_model_for(config: GLMConfig, dtype: torch.dtype, device: str, seed: int):
+    from transformers import GlmConfig as HFGlmConfig
+    from transformers import GlmForCausalLM
+
+    hf_config = HFGlmConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_groups, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len, pad_token_id=0, eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 0.5},
+    )
+    torch.manual_seed(seed)
+    return GlmForCausalLM(hf_config).to(device=device, dtype=dtype).eval()
+
+
+def _best_time(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def measure(run_fn, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    first, _ = _best_time(lambda: run_fn(1), repeats)
+    full, tokens = _best_time(lambda: run_fn(new_tokens), repeats)
+    return {
+        "prefill": batch * prompt_len / first,
+        "decode": batch * (new_tokens - 1) / max(full - first, 1e-9),
+        "tokens": tokens,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    config = GLMConfig.from_preset(args.preset)
+    if args.prompt_len + args.new_tokens > config.max_seq_len:
+        raise ValueError(f"prompt + new tokens exceed the preset's context of {config.max_seq_len}.")
+    hf = hf_model_for(config, dtype, args.device, args.seed)
+    plain = build_on_meta(lambda: GLMModel(config))
+    load_into(plain, convert(hf.state_dict(), HF_TABLE))
+    plain = plain.to(args.device).eval()
+    stacks = {"ours": pack_for_cpu(copy.deepcopy(plain)) if args.device == "cpu" else plain}
+    if args.plain:
+        stacks["ours-plain"] = plain
+    print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype}, {args.device}, "
+          f"{args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"best of {args.repeats}")
+
+    header = f"{'batch':>5} | {'stack':<14} | {'prefill tok/s':>13} | {'decode tok/s':>12}"
+    rows = [header, "-" * len(header)]
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for batch in args.batch_sizes:
+        prompts = torch.randint(1, config.vocab_size, (batch, args.prompt_len), generator=gen)
+
+        def hf_fn(n, prompts=prompts):
+            with torch.inference_mode():
+                out = hf.generate(prompts.to(args.device), attention_mask=torch.ones_like(prompts).to(args.device),
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out[:, args.prompt_len :].tolist()
+
+        runners = {name: (lambda n, m=model, p=prompts: generate(m, p.tolist(), SamplingConfig(max_new_tokens=n)))
+                   for name, model in stacks.items()}
+        runners["transformers"] = hf_fn
+        results = {}
+        for name, fn in runners.items():
+            fn(2)  # warm-up (allocator, thread pools)
+            results[name] = measure(fn, batch, args.prompt_len, args.new_tokens, args.repeats)
+        theirs = results["transformers"]
+        total = sum(len(x) for x in theirs["tokens"])
+        for name, result in results.items():
+            rows.append(f"{batch:>5} | {name:<14} | {result['prefill']:>13.1f} | {result['decode']:>12.1f}")
+        for name, result in results.items():
+            if name == "transformers":
+                continue
+            same = sum(a == b for x, y in zip(result["tokens"], theirs["tokens"]) for a, b in zip(x, y))
+            rows.append(f"{batch:>5} | {name + ' ratio':<14} | {result['prefill'] / theirs['prefill']:>12.2f}x | "
+                        f"{result['decode'] / theirs['decode']:>11.2f}x   (greedy tokens equal: {same}/{total})")
+    print("\n".join(rows))
+    return 0
