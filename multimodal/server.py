@@ -6,7 +6,9 @@ Endpoints:
   image is given as a `data:` URL (base64), since the server never fetches from the network. One image per
   conversation (as CogVLM); earlier user/assistant messages become the history; system messages are accepted and
   ignored (the models were not trained with one). `stream: true` answers with server-sent events
-  (`chat.completion.chunk` objects, then `data: [DONE]`).
+  (`chat.completion.chunk` objects, then `data: [DONE]`). Honoured: `max_tokens` / `max_completion_tokens`,
+  `temperature` (0, the default, is greedy), `top_p`, `seed`; other fields are ignored. `finish_reason` is always
+  "stop" (the chat API reports text, not why it ended) and no `usage` is returned.
 - `POST /v1/images/generations`: `prompt`, `n`, `size` ("WxH", one of the model's sizes), `response_format`
   "b64_json" (PNG); extensions: `negative_prompt`, `seed`, `steps`, `guidance_scale`.
 
@@ -25,6 +27,7 @@ import io
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -162,7 +165,7 @@ def chat_request(body: ChatCompletionBody, default_max_tokens: int) -> ChatReque
         max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
         temperature=body.temperature or 0.0,
         top_p=body.top_p,
-        seed=body.seed or 0,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),  # greedy answers ignore it
     )
     return ChatRequest(image=image, question=question, history=tuple(turns[:-1]), sampling=sampling)
 
