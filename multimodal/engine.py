@@ -12,7 +12,7 @@ Ways to build one:
   through the real code paths, so tests of the CLI, the server and the demo use them (saved with `save` when a
   subprocess needs a checkpoint folder). They are never a default.
 
-The parts' interface, which the library's classes provide:
+The parts' interface, which `vlm.chat.VLMChat` and `diffusion.pipeline.RelayPipeline` provide:
 - chat model: `stream(image, turns, sampling) -> Iterator[str]` (text deltas) and `answer_batch(images, turns_list,
   sampling) -> list[str]`, where `turns` is a list of (role, text) pairs ending with the user's question.
 - painter: `__call__(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
@@ -208,22 +208,23 @@ class Engine:
         return "".join(self.chat_stream(image, question, history, sampling))
 
     def chat_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
-        """Answer several independent requests; those with an image and the same sampling run as one batch."""
+        """Answer several independent requests; greedy ones with an image and the same length limit run as one
+        batch, and every answer is the one the request gets alone."""
         answers: list[str | None] = [None] * len(requests)
-        groups: dict[Sampling, list[int]] = {}
+        groups: dict[object, list[int]] = {}
         for index, request in enumerate(requests):
+            sampling = request.sampling
             if request.image is None:  # text-only rows have no image slot to align; they run alone
-                answers[index] = self.chat(None, request.question, request.history, request.sampling)
-            else:
-                sampling = request.sampling
-                if sampling.temperature == 0:  # greedy answers ignore the seed, so any seeds can share a batch
-                    sampling = replace(sampling, seed=0)
-                groups.setdefault(sampling, []).append(index)
-        for sampling, indices in groups.items():
+                answers[index] = self.chat(None, request.question, request.history, sampling)
+            elif sampling.temperature == 0:  # greedy answers ignore the seed, so any seeds can share a batch
+                groups.setdefault(replace(sampling, seed=0), []).append(index)
+            else:  # a sampled row's draws depend on its place in a batch; alone, its answer depends on its seed only
+                groups[index] = [index]
+        for indices in groups.values():
             texts = self.chat_model.answer_batch(
                 [requests[i].image for i in indices],
                 [_turns(requests[i].question, requests[i].history) for i in indices],
-                sampling,
+                requests[indices[0]].sampling,
             )
             for index, text in zip(indices, texts):
                 answers[index] = text

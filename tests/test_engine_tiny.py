@@ -47,6 +47,8 @@ def test_a_batch_of_requests_answers_like_each_request_alone(engine, generator):
         ChatRequest(images[1], "Describe the image.", (("user", "hi"), ("assistant", "a cat")), SHORT),
         ChatRequest(images[2], "a dog with a hat", sampling=SHORT),
         ChatRequest(images[0], "Where is the dog?", sampling=Sampling(max_new_tokens=3)),
+        ChatRequest(images[1], "Describe the image.", sampling=Sampling(max_new_tokens=8, temperature=1.0, seed=4)),
+        ChatRequest(images[0], "Describe the image.", sampling=Sampling(max_new_tokens=8, temperature=1.0, seed=4)),
     ]
     alone = [engine.chat(r.image, r.question, r.history, r.sampling) for r in requests]
     assert engine.chat_batch(requests) == alone
