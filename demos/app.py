@@ -6,9 +6,10 @@ Tabs:
 - Draw: prompt -> the base stage and the relay super-resolution stage side by side; seed, steps, guidance; progress.
 - Caption: several files -> a table and a JSONL download (the rows of `multimodal caption`).
 
-Everything a tab shows comes from the `Engine`; this file only arranges it. Requests run through Gradio's queue one
-at a time (the models share the machine's cores), uploads are limited in size, and a bad file or an impossible
-request shows one friendly sentence instead of a traceback.
+Everything a tab shows comes from the `Engine`; this file only arranges it. Chat, draw and caption requests share
+one slot of Gradio's queue, so one model call runs at a time (the models share the machine's cores), at most
+QUEUE_SIZE wait; uploads are limited in size; a bad file or an impossible request shows one friendly sentence
+instead of a traceback.
 
 Components carry `elem_id`s (`chat-image`, `q`, `ask`, `chat`, `boxed`, `prompt`, `draw`, `base`, `relay`, ...),
 which the browser test uses.
@@ -31,6 +32,7 @@ DRAW_EXAMPLES = ["a dog with a hat", "a cat wearing sunglasses", "two apples and
 QUESTION_EXAMPLES = ["Where is the dog?", "Describe the image with boxes.", "What is in the image?"]
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 32
+ENGINE_QUEUE = "engine"  # chat, draw and caption share one queue slot: one model call at a time, in arrival order
 # The embedded models draw small images: show them large, with sharp pixels.
 PIXEL_CSS = "#base img, #relay img, #boxed img {image-rendering: pixelated; width: 100%; height: 100%; " \
             "object-fit: contain}"
@@ -141,8 +143,8 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
         image.upload(lambda: ([], None), None, [chat, boxed])  # a new image starts a new conversation
         clear.click(lambda: ([], None), None, [chat, boxed])
         for trigger in (ask_button.click, question.submit):
-            trigger(ask, [image, question, chat], [chat, boxed, question])
-        caption_button.click(caption, [files, grounded], [table, download])
+            trigger(ask, [image, question, chat], [chat, boxed, question], concurrency_id=ENGINE_QUEUE)
+        caption_button.click(caption, [files, grounded], [table, download], concurrency_id=ENGINE_QUEUE)
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app
 
@@ -163,7 +165,7 @@ def _draw_tab(engine, draw) -> None:
     with gr.Row():
         base = gr.Image(label="Base stage", interactive=False, format="png", elem_id="base", height=320)
         relay = gr.Image(label="Relay stage (final)", interactive=False, format="png", elem_id="relay", height=320)
-    button.click(draw, [prompt, negative, seed, steps, guidance, size], [base, relay])
+    button.click(draw, [prompt, negative, seed, steps, guidance, size], [base, relay], concurrency_id=ENGINE_QUEUE)
 
 
 def _text(content) -> str:
