@@ -51,8 +51,8 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
             raise gr.Error("Upload an image or make a scene first.", print_exception=False)
         try:
             return load_image(path)
-        except ImageError as error:
-            raise _friendly(error) from None
+        except ImageError as error:  # name the upload, not the server's temporary copy
+            raise gr.Error(str(error).replace(path, Path(path).name), print_exception=False) from None
 
     def make_scene(seed: float):
         return engine.scene(int(seed)), [], None
