@@ -106,6 +106,11 @@ def test_demo_in_a_browser(tmp_path):
             page.locator("#q textarea").fill("   ")
             page.locator("#ask").click()
             expect(page.get_by_text("Type a question about the image.")).to_be_visible(timeout=20_000)
+            page.locator("#chat-image input[type=file]").set_input_files(str(broken))
+            page.locator("#q textarea").fill("Where is the dog?")
+            page.locator("#ask").click()
+            toast = page.get_by_test_id("toast-body")
+            expect(toast.get_by_text("'broken.png' is truncated or corrupt")).to_be_visible(timeout=20_000)
             page.locator("#make-scene").click()  # a scene replaces the photo and starts a new conversation
             expect(page.locator("#chat")).not_to_contain_text("Where is the dog?", timeout=20_000)
             expect(page.locator("#chat-image img")).to_be_visible()
