@@ -1,7 +1,9 @@
-"""`multimodal train tokenizer|judge|vlm|diffusion`: train an embedded default model on the EmojiScenes world.
+"""`multimodal train tokenizer|judge|vlm|diffusion|export`: train the embedded default models on the EmojiScenes
+world, then export the runs as a suite folder.
 
 Runs resume from their folder (`--out`), print progress, and keep one thread by default so several jobs can share a
-small CPU. The recipe that produced the shipped models is in the README.
+small CPU. `export` reads `--runs DIR` (its vlm/, diffusion/ and judge/ runs) and writes the suite to `--out`
+(the shipped copy is multimodal/assets). The recipe that produced the shipped models is in the README.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("tokenizer", "judge", "vlm", "diffusion")
+MODELS = ("tokenizer", "judge", "vlm", "diffusion", "export")
 
 
 def register(subparsers) -> None:
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped one)")
     parser.add_argument("--text-encoder", default=None,
                         help="diffusion: the VLM run whose frozen GLM core encodes prompts (default: the shipped VLM)")
+    parser.add_argument("--runs", default="runs", help="export: the folder holding the vlm, diffusion and judge runs")
     parser.set_defaults(func=run)
 
 
@@ -37,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
 
         path = save_tokenizer(train_tokenizer(), out if out.suffix == ".json" else out / "tokenizer.json")
         print(f"saved {path}")
+        return 0
+
+    if args.model == "export":
+        from multimodal.assets import asset_path
+        from multimodal.training.export import export_suite
+
+        runs = Path(args.runs)
+        tokenizer = Path(args.tokenizer) if args.tokenizer else asset_path("tokenizer.json")
+        print(f"exported {export_suite(runs / 'vlm', runs / 'diffusion', runs / 'judge', tokenizer, out)}")
         return 0
 
     from multimodal.assets import load_world_tokenizer
