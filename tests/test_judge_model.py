@@ -68,3 +68,18 @@ def test_evaluation_helpers():
     assert caption_f1({"dog", "top hat"}, {"dog", "top hat", "apple"}) == pytest.approx(0.8)
     assert caption_f1(set(), {"dog"}) == 0.0
     assert normalise_answer(" Blue. ") == "blue" and normalise_answer("蓝色。") == "蓝色"
+
+
+def test_single_stage_steps_match_relay_compute():
+    from diffusion.denoiser import DiT
+    from diffusion.pipeline import RelayConfig, RelayPipeline
+    from multimodal.evaluation import equal_compute_steps
+    from multimodal.training.diffusion import world_dit_config
+
+    base, relay, single = DiT(world_dit_config(32, 4)), DiT(world_dit_config(32, 8)), DiT(world_dit_config(32, 8))
+    pipeline = RelayPipeline(None, base, relay, RelayConfig(base_steps=10, relay_steps=5))
+    steps = equal_compute_steps(pipeline, single, text_len=16)
+    relay_flops = pipeline.flops(64, 64, 16, 10, 5)
+    single_flops = RelayPipeline(None, single, None, pipeline.config).flops(64, 64, 16, steps, 0, use_relay=False)
+    per_step = 2 * 2 * single.flops_per_forward(64, 64, 16)  # guidance doubles passes; Heun two evaluations a step
+    assert abs(single_flops - relay_flops) <= per_step / 2

@@ -147,3 +147,16 @@ def test_draw_prompts_include_a_dog_with_a_hat():
             break
     assert "a dog with a hat" in prompts
     assert "一只戴着帽子的狗" in prompts
+
+
+def test_scene_command_prints_tasks_and_writes_the_image(tmp_path, capsys):
+    from PIL import Image
+
+    from multimodal.cli import main
+
+    out = tmp_path / "scene.png"
+    assert main(["scene", "--seed", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scene = make_scene(3)
+    assert f"[caption en] Describe the image. -> {scene_tasks(scene)[0].answer}" in printed
+    assert Image.open(out).tobytes() == render(scene).tobytes()
