@@ -159,11 +159,6 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        self.k = self.k.index_select(0, rows)
-        self.v = self.v.index_select(0, rows)
-
 
 def attention_mask_for(valid: torch.Tensor | None, cache_start: int, num_new: int) -> torch.Tensor | None:
     """Boolean attention mask [B, 1, T, S] (True = may attend) for T new tokens at slots cache_start.. of a cache.

@@ -4,8 +4,11 @@ Both models hold the same random weights (transformers' model is built first; ou
 through the same key table as a real checkpoint). For each batch size both run a greedy generation of `--new-tokens`
 tokens after a `--prompt-len` prompt, and a 1-token generation; prefill tokens/s is prompt tokens / time of the
 1-token run, decode tokens/s is B * (new - 1) / (time of the full run - time of the 1-token run). Every measurement
-is the best of `--repeats`. The first generated tokens of the two models are compared, so a speed-up cannot come
-from computing something else.
+is the best of `--repeats`, the stacks taking turns so a change in machine load hits all of them. `--clock cpu`
+times this process's CPU time instead of wall time: with `--threads 1` that is robust on a shared, busy machine.
+The generated tokens of the stacks are compared, so a speed-up cannot come from computing something else.
+Our model runs with its CPU linears prepacked for oneDNN (`glm.generate.pack_for_cpu`); `--plain` adds a row
+without that.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (use with --threads 1 on a busy machine)")
     parser.add_argument("--plain", action="store_true",
                         help="also time our model with plain F.linear (no oneDNN weight prepacking)")
     parser.set_defaults(func=run)
@@ -54,27 +59,30 @@ def hf_model_for(config: GLMConfig, dtype: torch.dtype, device: str, seed: int):
     return GlmForCausalLM(hf_config).to(device=device, dtype=dtype).eval()
 
 
-def _best_time(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int, clock) -> dict:
+    """Best-of-`repeats` times of a 1-token and a full generation per stack, the stacks taking turns."""
+    best: dict = {}
+    tokens: dict = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
-def measure(run_fn, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    first, _ = _best_time(lambda: run_fn(1), repeats)
-    full, tokens = _best_time(lambda: run_fn(new_tokens), repeats)
+        for name, fn in runners.items():
+            for n in (1, new_tokens):
+                start = clock()
+                out = fn(n)
+                best[name, n] = min(best.get((name, n), float("inf")), clock() - start)
+                tokens[name] = out
     return {
-        "prefill": batch * prompt_len / first,
-        "decode": batch * (new_tokens - 1) / max(full - first, 1e-9),
-        "tokens": tokens,
+        name: {
+            "prefill": batch * prompt_len / best[name, 1],
+            "decode": batch * (new_tokens - 1) / max(best[name, new_tokens] - best[name, 1], 1e-9),
+            "tokens": tokens[name],
+        }
+        for name in runners
     }
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     dtype = getattr(torch, args.dtype)
     config = GLMConfig.from_preset(args.preset)
     if args.prompt_len + args.new_tokens > config.max_seq_len:
@@ -88,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         stacks["ours-plain"] = plain
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}, {args.clock} clock")
 
-    header = f"{'batch':>5} | {'stack':<14} | {'prefill tok/s':>13} | {'decode tok/s':>12}"
+    header = f"{'batch':>5} | {'stack':<16} | {'prefill tok/s':>13} | {'decode tok/s':>12}"
     rows = [header, "-" * len(header)]
     gen = torch.Generator().manual_seed(args.seed + 1)
     for batch in args.batch_sizes:
@@ -105,19 +113,18 @@ def run(args: argparse.Namespace) -> int:
         runners = {name: (lambda n, m=model, p=prompts: generate(m, p.tolist(), SamplingConfig(max_new_tokens=n)))
                    for name, model in stacks.items()}
         runners["transformers"] = hf_fn
-        results = {}
-        for name, fn in runners.items():
+        for fn in runners.values():
             fn(2)  # warm-up (allocator, thread pools)
-            results[name] = measure(fn, batch, args.prompt_len, args.new_tokens, args.repeats)
+        results = measure(runners, batch, args.prompt_len, args.new_tokens, args.repeats, clock)
         theirs = results["transformers"]
         total = sum(len(x) for x in theirs["tokens"])
         for name, result in results.items():
-            rows.append(f"{batch:>5} | {name:<14} | {result['prefill']:>13.1f} | {result['decode']:>12.1f}")
+            rows.append(f"{batch:>5} | {name:<16} | {result['prefill']:>13.1f} | {result['decode']:>12.1f}")
         for name, result in results.items():
             if name == "transformers":
                 continue
             same = sum(a == b for x, y in zip(result["tokens"], theirs["tokens"]) for a, b in zip(x, y))
-            rows.append(f"{batch:>5} | {name + ' ratio':<14} | {result['prefill'] / theirs['prefill']:>12.2f}x | "
+            rows.append(f"{batch:>5} | {name + ' ratio':<16} | {result['prefill'] / theirs['prefill']:>12.2f}x | "
                         f"{result['decode'] / theirs['decode']:>11.2f}x   (greedy tokens equal: {same}/{total})")
     print("\n".join(rows))
     return 0
