@@ -174,3 +174,15 @@ def test_packed_cpu_linears_match_plain_model():
         torch.testing.assert_close(packed(ids), model(ids), atol=1e-4, rtol=1e-5)
     config = SamplingConfig(max_new_tokens=12)
     assert generate(packed, prompts, config) == generate(model, prompts, config)
+
+
+def test_bench_glm_runs_and_prints_ratios(capsys):
+    from multimodal.cli import main
+
+    args = ["bench", "glm", "--vs", "transformers", "--preset", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "5",
+            "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--plain"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for batch, total in ((1, 4), (3, 12)):
+        assert f"(greedy tokens equal: {total}/{total})" in out.split(f"\n    {batch} | ours ratio")[1].split("\n")[0]
+    assert out.count("ratio") == 4
