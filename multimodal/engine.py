@@ -125,32 +125,37 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, quant: str = "none", group_size: int = 64,
-             device: str = "cpu", dtype: str = "float32", tp: int = 1) -> Engine:
+             device: str = "cpu", dtype: str = "float32", tp: int = 1, exclude: Sequence[str] = ()) -> Engine:
         """A suite folder (`vlm/` and optionally `diffusion/`), a lone VLM folder (no drawing), or the embedded
-        models when `checkpoint` is None."""
-        from diffusion.pipeline import load_relay_pipeline
+        models when `checkpoint` is None.
+
+        `quant` ("int8" / "int4" with `group_size`; Linear layers matching an `exclude` glob stay in float) applies
+        to the VLM, whose GLM is also the painter's text encoder, and to both denoisers; a VLM checkpoint written
+        by `multimodal quantize` loads as stored. With `tp` > 1 (under torchrun) every rank builds the models on the
+        meta device and reads only its own slices of native checkpoints, then quantizes its shards.
+        """
         from diffusion.text_encoder import GLMTextEncoder
         from glm.tokenizer import GLMTokenizer
         from vlm.chat import VLMChat
-        from vlm.convert import load_vlm
 
         if dtype not in DTYPES:
             raise EngineError(f"Unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
+        if tp < 1:
+            raise EngineError(f"--tp must be at least 1, not {tp}.")
         folder = Path(checkpoint) if checkpoint is not None else EMBEDDED_DIR
         if checkpoint is None and not (folder / VLM_FOLDER / "config.json").exists():
             raise EngineError("This installation has no embedded models yet; pass --checkpoint FOLDER (a suite "
                               "folder with vlm/ and diffusion/) or train them with `multimodal train`.")
         if not folder.exists():
             raise EngineError(f"The checkpoint {folder} does not exist.")
+        loading = _Loading(quant, group_size, tuple(exclude), device, DTYPES[dtype], tp)
         vlm_folder = folder / VLM_FOLDER if (folder / VLM_FOLDER).is_dir() else folder
-        model = load_vlm(vlm_folder, dtype=DTYPES[dtype], device=device)
+        model = loading.vlm(vlm_folder)
         tokenizer = GLMTokenizer.load(vlm_folder if (vlm_folder / "tokenizer.json").exists() or
                                       (vlm_folder / "tokenizer.model").exists() else folder)
         painter = None
         if (folder / DIFFUSION_FOLDER).is_dir():
-            painter = load_relay_pipeline(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, tokenizer),
-                                          device=device, dtype=DTYPES[dtype])
-        _apply_quant_and_tp(model, painter, quant, group_size, tp, device)
+            painter = loading.painter(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, tokenizer))
         name = "glm-multimodal-emoji" if checkpoint is None else folder.resolve().name
         return cls.from_parts(VLMChat(model, tokenizer), painter, name)
 
@@ -158,7 +163,8 @@ class Engine:
     def from_args(cls, args) -> Engine:
         """From the shared model options (`multimodal/commands/_options.py`)."""
         torch.manual_seed(args.seed)
-        return cls.load(args.checkpoint, args.quant, args.group_size, args.device, args.dtype, args.tp)
+        return cls.load(args.checkpoint, args.quant, args.group_size, args.device, args.dtype, args.tp,
+                        getattr(args, "exclude", ()))
 
     @classmethod
     def random_tiny(cls, seed: int = 0) -> Engine:
@@ -289,22 +295,65 @@ def _turns(question: str, history: Sequence[Turn]) -> list[Turn]:
     return [*history, ("user", question)]
 
 
-def _apply_quant_and_tp(model, painter, quant: str, group_size: int, tp: int, device: str) -> None:
-    """Weight-only quantization and tensor parallelism, as passes over the loaded models (the GLM is shared, so
-    the text encoder follows the VLM)."""
-    if quant == "none" and tp == 1:
-        return
-    from multimodal.quantize import QuantSpec, quantize_linear, quantize_model  # imports the kernels: only now
+class _Loading:
+    """How `Engine.load` reads each model: quantized as asked, and sharded over the ranks under --tp."""
 
-    spec = None if quant == "none" else QuantSpec(quant, group_size)
-    models = [model] + ([painter.base, painter.relay] if painter is not None else [])
-    if tp > 1:
-        from multimodal.tp import maybe_init_distributed, shard_model
+    def __init__(self, quant: str, group_size: int, exclude: tuple[str, ...], device: str, dtype: torch.dtype,
+                 tp: int):
+        from multimodal.quantize import QuantSpec  # imports the kernels: only when a model is loaded
 
-        maybe_init_distributed(tp, device)
-        quantize = None if spec is None else (lambda linear, name: quantize_linear(linear, spec, name))
-        for part in models:
-            shard_model(part, quantize=quantize)
-    elif spec is not None:
-        for part in models:
-            quantize_model(part, spec)
+        if quant not in ("none", "int8", "int4"):
+            raise EngineError(f"Unknown quantization '{quant}'; use none, int8 or int4.")
+        self.quant, self.group_size, self.exclude, self.dtype = quant, group_size, exclude, dtype
+        self.spec = None if quant == "none" else QuantSpec(quant, group_size, exclude)  # checks the group size
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        if tp > 1:
+            from multimodal.tp import maybe_init_distributed
+
+            context = maybe_init_distributed(tp, device)  # outside torchrun: one sentence with the command to run
+            self.rank, self.world, self.device = context.rank, context.world, context.device
+
+    def quantize_shard(self, linear: torch.nn.Linear, name: str) -> torch.nn.Module:
+        """One Linear after the tensor-parallel cut: quantized, or kept in float when `exclude` names it."""
+        from fnmatch import fnmatchcase
+
+        from multimodal.quantize import quantize_linear
+
+        if any(fnmatchcase(name, pattern) for pattern in self.exclude):
+            return linear
+        return quantize_linear(linear, self.spec, name)
+
+    def _sharded(self, source, build_fn) -> torch.nn.Module:
+        from multimodal.tp import load_sharded
+
+        quantize = None if self.spec is None else self.quantize_shard
+        model = load_sharded(source, build_fn, self.rank, self.world, dtype=self.dtype, device=self.device,
+                             quantize=quantize)
+        return model.to(self.device).eval()
+
+    def vlm(self, folder: Path):
+        from multimodal.checkpoint import read_native_config
+        from vlm.convert import KIND, load_vlm, read_raw_config, read_vlm_checkpoint
+        from vlm.model import VisionLanguageModel, VLMConfig
+
+        if self.world == 1:
+            return load_vlm(folder, self.dtype, self.device, quant=self.quant, group_size=self.group_size,
+                            exclude=self.exclude)
+        if read_raw_config(folder).get("kind") == KIND:  # native: each rank reads only its slices from disk
+            config = VLMConfig.from_dict(read_native_config(folder, kind=KIND))
+            return self._sharded(folder, lambda: VisionLanguageModel(config))
+        config, state, _ = read_vlm_checkpoint(folder)  # a foreign format is converted in memory, then cut
+        return self._sharded(state, lambda: VisionLanguageModel(config))
+
+    def painter(self, folder: Path, text_encoder):
+        """The relay pipeline of a pipeline folder (native DiTs in base/ and relay/) around `text_encoder`."""
+        from diffusion.denoiser import DiT, DiTConfig
+        from diffusion.pipeline import DIT_KIND, PIPELINE_KIND, RelayConfig, RelayPipeline
+        from multimodal.checkpoint import read_native_config
+
+        values = read_native_config(folder, kind=PIPELINE_KIND)
+        denoisers = []
+        for stage in ("base", "relay"):
+            config = DiTConfig.from_dict(read_native_config(folder / stage, kind=DIT_KIND))
+            denoisers.append(self._sharded(folder / stage, lambda config=config: DiT(config)))
+        return RelayPipeline(text_encoder, *denoisers, RelayConfig.from_dict(values))

@@ -11,7 +11,7 @@ Two semantic conversions happen once here, never at run time:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +25,11 @@ from multimodal.checkpoint import (
     Rule,
     build_on_meta,
     convert,
-    load_into,
     read_native_config,
     read_state_dict,
     save_native,
 )
+from multimodal.quantize import load_weights
 from vlm.model import VisionLanguageModel, VLMConfig
 
 KIND = "vlm"
@@ -192,12 +192,26 @@ def read_vlm_checkpoint(path: str | Path, format: str = "auto") -> tuple[VLMConf
     return config, convert_state(weights, format, config), format
 
 
-def load_vlm(path: str | Path, dtype: torch.dtype | None = None, device="cpu", format: str = "auto"):
-    """Build on the meta device and strictly load a CogVLM, CogVLM2, GLM-4V or native checkpoint."""
+def load_vlm(path: str | Path, dtype: torch.dtype | None = None, device="cpu", format: str = "auto",
+             quant: str = "none", group_size: int = 64, exclude: Iterable[str] = ()):
+    """Build on the meta device and strictly load a CogVLM, CogVLM2, GLM-4V or native checkpoint.
+
+    A checkpoint written by `multimodal quantize` loads as stored; a float one is quantized while it is read when
+    `quant` is "int8" or "int4" (`group_size` and the `exclude` globs as in `multimodal.quantize.QuantSpec`).
+    """
     config, state, _ = read_vlm_checkpoint(path, format)
     model = build_on_meta(lambda: VisionLanguageModel(config))
-    load_into(model, state, dtype=dtype)
+    load_weights(model, state, read_raw_config(path), quant, group_size, dtype, exclude)
     return model.to(device).eval()
+
+
+def read_raw_config(path: str | Path) -> dict:
+    """The config.json beside a checkpoint as stored (a quantized native checkpoint's carries a "quant" entry)."""
+    path = Path(path)
+    config_path = (path if path.is_dir() else path.parent) / NATIVE_CONFIG
+    if not config_path.exists():
+        raise CheckpointError(f"{path} has no {NATIVE_CONFIG}; the model's shapes cannot be known without it.")
+    return json.loads(config_path.read_text())
 
 
 def save_vlm(model: VisionLanguageModel, out_dir: str | Path) -> Path:

@@ -1,4 +1,9 @@
-"""`multimodal chat [--image IMAGE]`: an interactive conversation; the image is encoded once for all turns."""
+"""`multimodal chat [--image IMAGE]`: an interactive conversation; the image is encoded once for all turns.
+
+The model is loaded by `multimodal.engine.Engine.load`, so --quant, --exclude and --tp apply. Under torchrun the
+first rank reads the questions and prints the answers; every rank gets each question, since all of them run the
+model together.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +21,38 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args, stdin=None) -> int:
-    import torch
+def _next_question(stdin, main_process: bool) -> str:
+    """The next line the user typed, read by the first rank and shared with the others ("" ends the chat)."""
+    import torch.distributed as dist
 
-    from vlm.chat import load_chat
+    question = ""
+    if main_process:
+        print("you> ", end="", flush=True)
+        question = stdin.readline().strip()
+    if dist.is_initialized():
+        shared = [question]
+        dist.broadcast_object_list(shared, src=0)
+        question = shared[0]
+    return question
+
+
+def run(args, stdin=None) -> int:
+    from multimodal.engine import Engine
+    from multimodal.image import load_image
+    from multimodal.tp import is_main_process
 
     stdin = stdin or sys.stdin
-    chat = load_chat(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-    conversation = chat.start(args.image)
+    image = load_image(args.image) if args.image is not None else None  # a bad image fails before loading
+    chat = Engine.from_args(args).chat_model
+    main_process = is_main_process()
+    conversation = chat.start(image)
     sampling = chat.sampling(args.max_new_tokens, args.temperature, seed=args.seed)
-    while True:
-        print("you> ", end="", flush=True)
-        question = stdin.readline()
-        if not question.strip():
-            return 0
-        print("model> ", end="", flush=True)
-        for delta in conversation.ask(question.strip(), sampling):
-            print(delta, end="", flush=True)
-        print()
+    while question := _next_question(stdin, main_process):
+        if main_process:
+            print("model> ", end="", flush=True)
+        for delta in conversation.ask(question, sampling):
+            if main_process:
+                print(delta, end="", flush=True)
+        if main_process:
+            print()
+    return 0

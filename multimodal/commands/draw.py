@@ -4,6 +4,9 @@ Writes the final (relay) image to --out and the base-stage image beside it (`dog
 `dog-1.png`, `dog-1.base.png`, ... Prints the seed of every image, so any one can be drawn again alone.
 --checkpoint is a pipeline folder (config.json, base/, relay/) or a suite folder holding one in diffusion/; the
 default is the embedded model in multimodal/assets/diffusion.
+--quant quantizes the text encoder's GLM and both denoisers. A suite folder loads through
+`multimodal.engine.Engine.load`, so a VLM written by `multimodal quantize` and --tp (under torchrun) work there; a
+lone pipeline folder names its own text encoder and runs on one process.
 """
 
 from __future__ import annotations
@@ -49,21 +52,42 @@ def pipeline_folder(checkpoint: str | None) -> Path:
     return folder / "diffusion" if (folder / "diffusion").is_dir() else folder
 
 
-def main(args: argparse.Namespace) -> int:
+def load_pipeline(args: argparse.Namespace):
+    """The relay pipeline of --checkpoint with --quant (and, for a suite folder, --tp) applied."""
     import torch
 
     from diffusion.pipeline import load_relay_pipeline
+    from multimodal.engine import Engine
 
-    if args.quant != "none" or args.tp != 1:
-        raise ValueError("draw runs the float model on one device; --quant and --tp are not supported here.")
+    folder = pipeline_folder(args.checkpoint)
+    suite = folder.parent
+    if folder.name == "diffusion" and (suite / "vlm").is_dir():  # the text encoder is the suite's VLM
+        return Engine.load(suite, args.quant, args.group_size, args.device, args.dtype, args.tp, args.exclude).painter
+    if args.tp != 1:
+        raise ValueError(f"--tp needs a suite folder (vlm/ beside diffusion/); {folder} is a lone pipeline folder.")
+    pipe = load_relay_pipeline(folder, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.quant != "none":
+        from multimodal.quantize import QuantSpec, quantize_model
+
+        spec = QuantSpec(args.quant, args.group_size, tuple(args.exclude))
+        for model in (pipe.text_encoder.model, pipe.base, pipe.relay):
+            quantize_model(model, spec)
+    return pipe
+
+
+def main(args: argparse.Namespace) -> int:
+    from multimodal.tp import is_main_process
+
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, not {args.num_images}.")
-    pipe = load_relay_pipeline(pipeline_folder(args.checkpoint), device=args.device, dtype=getattr(torch, args.dtype))
+    pipe = load_pipeline(args)
     result = pipe(
         args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
         num_inference_steps=args.steps, relay_steps=args.relay_steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images, seed=args.seed, use_relay=not args.no_relay,
     )
+    if not is_main_process():  # every rank drew the same images; one writes them
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for index, (image, base, seed) in enumerate(zip(result.images, result.base, result.seeds)):

@@ -1,4 +1,8 @@
-"""`multimodal ground IMAGE QUESTION`: answer with boxes, print them in pixels, optionally save the drawn image."""
+"""`multimodal ground IMAGE QUESTION`: answer with boxes, print them in pixels, optionally save the drawn image.
+
+The model is loaded by `multimodal.engine.Engine.load`, so --quant, --exclude and --tp (under torchrun) apply; with
+several ranks every rank computes the answer and only the first prints and saves it.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +20,21 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
+    from multimodal.engine import Engine, Sampling
     from multimodal.image import load_image
-    from vlm.chat import load_chat
-    from vlm.grounding import draw_grounding
+    from multimodal.tp import is_main_process
 
-    torch.manual_seed(args.seed)
-    chat = load_chat(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-    image = load_image(args.image)
-    text, grounding, boxes = chat.ground(image, args.question, chat.sampling(args.max_new_tokens, seed=args.seed))
-    print(text)
-    for phrase, (x0, y0, x1, y1) in boxes:
+    image = load_image(args.image)  # a bad image fails before the model is loaded
+    engine = Engine.from_args(args)
+    answer = engine.ground(image, args.question, Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed))
+    if not is_main_process():
+        return 0
+    print(answer.text)
+    for phrase, (x0, y0, x1, y1) in answer.boxes:
         print(f"{phrase or '(box)'}: ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f})")
-    for problem in grounding.problems:
+    for problem in answer.problems:
         print(f"warning: {problem}")
     if args.save:
-        draw_grounding(image, grounding).save(args.save)
+        answer.drawn_on(image).save(args.save)
         print(f"saved {args.save}")
     return 0
