@@ -25,14 +25,6 @@ QUESTION = "Where is the dog?"
 INT4_MISFITS = ("*.down", "adapter.glu.down_proj")  # the tiny VLM's 88 / 72 input features fit no group size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter drawn from a seeded normal: the denoisers' zero-initialised output layers would make the
     drawings independent of their weights (and of their quantization)."""
