@@ -7,7 +7,10 @@ It adds no model logic: it turns user-level calls into the library's calls and t
 
 Ways to build one:
 - `Engine.load(checkpoint=None, ...)`: a suite folder (see `save`), or the models embedded in the package when no
-  checkpoint is given; `--quant`, `--device`, `--dtype` and `--tp` are applied after the weights are loaded.
+  checkpoint is given. Models are built on the meta device; `--quant` quantizes a float checkpoint while it is read
+  (`multimodal.quantize.load_weights`), and a checkpoint written by `multimodal quantize` loads as stored. Under
+  `--tp N` each rank reads only its slices of native checkpoints (`multimodal.tp.load_sharded`) and quantizes its
+  shards after the cut.
 - `Engine.random_tiny(seed)`: tiny models with random weights, built in about a second. They answer gibberish, but
   through the real code paths, so tests of the CLI, the server and the demo use them (saved with `save` when a
   subprocess needs a checkpoint folder). They are never a default.
