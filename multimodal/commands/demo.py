@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from multimodal.engine import Engine
 
     if args.tp != 1:
-        raise ValueError("The demo runs one process; use --tp 1 (tensor parallel works with chat, caption, draw).")
+        raise ValueError("The demo runs one process; use --tp 1 "
+                         "(tensor parallel works with chat, ground, caption and draw).")
     launch(build_app(Engine.from_args(args), max_new_tokens=args.max_new_tokens), host=args.host, port=args.port)
     return 0

@@ -33,7 +33,8 @@ def main(args: argparse.Namespace) -> int:
     from multimodal.server import serve
 
     if args.tp != 1:
-        raise ValueError("The server runs one process; use --tp 1 (tensor parallel works with chat, caption, draw).")
+        raise ValueError("The server runs one process; use --tp 1 "
+                         "(tensor parallel works with chat, ground, caption and draw).")
     engine = Engine.from_args(args)
     serve(engine, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
           default_max_tokens=args.max_tokens)
