@@ -1,11 +1,24 @@
 """GLM checkpoint import: key tables for THUDM's format and transformers' `GlmForCausalLM`, config mapping, loading.
 
-Three formats are recognised from their key names and config.json:
+Four formats are recognised from their key names and config.json:
 - THUDM (chatglm3-6b, glm-4-9b-chat): `transformer.encoder.layers.{n}.self_attention.query_key_value...`, config
   with `padded_vocab_size`, `multi_query_group_num`, `kv_channels`, `rope_ratio`.
 - transformers' native `GlmForCausalLM` (glm-4-9b-chat-hf): `model.layers.{n}.self_attn.{q,k,v}_proj...` (fused
   here into our qkv) and `mlp.gate_up_proj`, config with `rope_parameters` / `rope_theta`.
-- our native format (`multimodal convert` output): our key names, config.json with kind "glm".
+- transformers' bare `GlmModel` (CogView4's `text_encoder/`): the same keys without the `model.` prefix and no
+  `lm_head`, so the checkpoint is an encoder only.
+- our native format (`multimodal convert` output): our key names, config.json with kind "glm"; written by
+  `multimodal quantize`, config.json also has a "quant" entry and the Linear weights are stored quantized.
+
+Encoder-only models. A checkpoint without an output layer loads into a plain `GLMModel` whose `output` is replaced
+by `nn.Identity` (see `build_glm`): the model and its config stay those of the full decoder, no vocabulary-sized
+weight is invented, and `forward` returns the final-normed hidden states (transformers' `last_hidden_state`) in place
+of logits; `hidden_states[-2]`, all that a text encoder needs, is unchanged. Such a model is for encoding, not for
+generation. Saved in our native format it has no `output.weight` and its config.json says `"encoder_only": true`, so
+the strict key check still holds when it is read back.
+
+`load_glm` builds the model on the meta device and reads through `multimodal.quantize.load_weights`: a quantized
+checkpoint loads as stored, a float one is quantized while it is read when `quant` is given; no weight exists twice.
 
 The rotary base of THUDM checkpoints is computed here as 10000 * rope_ratio; transformers' conversion script has
 read rope_ratio with getattr on a dict, which silently yields 10000, so we never rely on it.
@@ -14,10 +27,11 @@ read rope_ratio with getattr on a dict, which silently yields 10000, so we never
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from glm.model import GLMConfig, GLMModel
 from multimodal.checkpoint import (
@@ -32,9 +46,12 @@ from multimodal.checkpoint import (
     read_state_dict,
     save_native,
 )
+from multimodal.quantize import load_weights
 
 KIND = "glm"
-FORMATS = ("thudm", "hf", "native")
+FORMATS = ("thudm", "hf", "hf-bare", "native")
+ENCODER_ONLY_FORMATS = ("hf-bare",)  # formats that never carry an output layer
+ENCODER_ONLY = "encoder_only"  # the native config.json entry of a model saved without its output layer
 
 THUDM_TABLE = KeyTable(
     name="THUDM GLM checkpoint",
@@ -54,30 +71,30 @@ THUDM_TABLE = KeyTable(
 )
 
 
-def _hf_qkv(kind: str) -> Rule:
-    return Rule(
-        f"layers.{{n}}.attn.qkv.{kind}",
-        tuple(f"model.layers.{{n}}.self_attn.{p}_proj.{kind}" for p in "qkv"),
-        dim=0,
-    )
+def _hf_table(name: str, prefix: str, with_output: bool) -> KeyTable:
+    """transformers' GLM keys under `prefix` ("model." in GlmForCausalLM, "" in a bare GlmModel)."""
+    def qkv(kind: str) -> Rule:
+        return Rule(f"layers.{{n}}.attn.qkv.{kind}",
+                    tuple(f"{prefix}layers.{{n}}.self_attn.{p}_proj.{kind}" for p in "qkv"), dim=0)
+
+    rules = [
+        Rule("embed.weight", (f"{prefix}embed_tokens.weight",)),
+        Rule("layers.{n}.attn_norm.weight", (f"{prefix}layers.{{n}}.input_layernorm.weight",)),
+        qkv("weight"),
+        qkv("bias"),
+        Rule("layers.{n}.attn.dense.weight", (f"{prefix}layers.{{n}}.self_attn.o_proj.weight",)),
+        Rule("layers.{n}.mlp_norm.weight", (f"{prefix}layers.{{n}}.post_attention_layernorm.weight",)),
+        Rule("layers.{n}.mlp.gate_up.weight", (f"{prefix}layers.{{n}}.mlp.gate_up_proj.weight",)),
+        Rule("layers.{n}.mlp.down.weight", (f"{prefix}layers.{{n}}.mlp.down_proj.weight",)),
+        Rule("final_norm.weight", (f"{prefix}norm.weight",)),
+    ]
+    if with_output:
+        rules.append(Rule("output.weight", ("lm_head.weight",)))
+    return KeyTable(name=name, rules=rules, ignore=(r"rotary_emb\.inv_freq$",))
 
 
-HF_TABLE = KeyTable(
-    name="transformers GlmForCausalLM checkpoint",
-    rules=[
-        Rule("embed.weight", ("model.embed_tokens.weight",)),
-        Rule("layers.{n}.attn_norm.weight", ("model.layers.{n}.input_layernorm.weight",)),
-        _hf_qkv("weight"),
-        _hf_qkv("bias"),
-        Rule("layers.{n}.attn.dense.weight", ("model.layers.{n}.self_attn.o_proj.weight",)),
-        Rule("layers.{n}.mlp_norm.weight", ("model.layers.{n}.post_attention_layernorm.weight",)),
-        Rule("layers.{n}.mlp.gate_up.weight", ("model.layers.{n}.mlp.gate_up_proj.weight",)),
-        Rule("layers.{n}.mlp.down.weight", ("model.layers.{n}.mlp.down_proj.weight",)),
-        Rule("final_norm.weight", ("model.norm.weight",)),
-        Rule("output.weight", ("lm_head.weight",)),
-    ],
-    ignore=(r"rotary_emb\.inv_freq$",),
-)
+HF_TABLE = _hf_table("transformers GlmForCausalLM checkpoint", "model.", with_output=True)
+HF_BARE_TABLE = _hf_table("transformers GlmModel checkpoint", "", with_output=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,17 +159,19 @@ def config_from_hf(values: Mapping) -> GLMConfig:
 
 
 def detect_format(keys, config: Mapping | None = None) -> str:
-    """'thudm', 'hf' or 'native' from the key names (and config.json's `kind` for ours)."""
+    """'thudm', 'hf', 'hf-bare' or 'native' from the key names (and config.json's `kind` for ours)."""
     keys = list(keys)
     if any(k.startswith("transformer.encoder.layers.") for k in keys):
         return "thudm"
     if any(k.startswith("model.layers.") and ".self_attn.q_proj." in k for k in keys):
         return "hf"
+    if any(k.startswith("layers.") and ".self_attn.q_proj." in k for k in keys):
+        return "hf-bare"
     if any(k.startswith("layers.") and ".attn.qkv." in k for k in keys) and (config or {}).get("kind") == KIND:
         return "native"
     raise CheckpointError(
-        "Could not recognise the checkpoint as THUDM GLM, transformers GlmForCausalLM or our native GLM format "
-        f"(first keys: {', '.join(keys[:4])})."
+        "Could not recognise the checkpoint as THUDM GLM, transformers GlmForCausalLM / GlmModel or our native GLM "
+        f"format (first keys: {', '.join(keys[:4])})."
     )
 
 
@@ -167,8 +186,8 @@ def _read_weights(path: Path) -> Mapping[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-def read_glm_checkpoint(path: str | Path, format: str = "auto") -> tuple[GLMConfig, dict[str, torch.Tensor], str]:
-    """Read any supported GLM checkpoint into (our config, our state dict, the detected format)."""
+def _read_checkpoint(path: str | Path, format: str) -> tuple[GLMConfig, dict[str, torch.Tensor], str, dict]:
+    """(our config, our state dict, the detected format, config.json as stored)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint path {path} does not exist.")
@@ -183,29 +202,70 @@ def read_glm_checkpoint(path: str | Path, format: str = "auto") -> tuple[GLMConf
     if format not in FORMATS:
         raise ValueError(f"Unknown checkpoint format {format!r}; known: auto, {', '.join(FORMATS)}.")
     if format == "thudm":
-        return config_from_thudm(config_values), convert(weights, THUDM_TABLE), format
-    if format == "hf":
-        return config_from_hf(config_values), convert(weights, HF_TABLE), format
+        return config_from_thudm(config_values), convert(weights, THUDM_TABLE), format, config_values
+    if format in ("hf", "hf-bare"):
+        table = HF_TABLE if format == "hf" else HF_BARE_TABLE
+        return config_from_hf(config_values), convert(weights, table), format, config_values
     config = GLMConfig.from_dict(read_native_config(folder, kind=KIND))
-    return config, dict(weights), format
+    return config, dict(weights), format, config_values
 
 
-def load_glm(path: str | Path, dtype: torch.dtype | None = None, device="cpu", format: str = "auto") -> GLMModel:
-    """Build a GLMModel on the meta device and strictly load a THUDM, transformers or native checkpoint into it."""
-    config, state, _ = read_glm_checkpoint(path, format)
+def read_glm_checkpoint(path: str | Path, format: str = "auto") -> tuple[GLMConfig, dict[str, torch.Tensor], str]:
+    """Read any supported GLM checkpoint into (our config, our state dict, the detected format)."""
+    config, state, detected, _ = _read_checkpoint(path, format)
+    return config, state, detected
+
+
+def is_encoder_only(detected_format: str, checkpoint_config: Mapping) -> bool:
+    """Whether a checkpoint has no output layer: a bare GlmModel, or a native one saved from such a model."""
+    return detected_format in ENCODER_ONLY_FORMATS or bool(checkpoint_config.get(ENCODER_ONLY, False))
+
+
+def build_glm(config: GLMConfig, encoder_only: bool = False) -> GLMModel:
+    """A GLMModel on the meta device; an encoder-only one has `nn.Identity` as its output layer."""
     model = build_on_meta(lambda: GLMModel(config))
-    load_into(model, state, dtype=dtype)
+    if encoder_only:
+        model.output = nn.Identity()
+    return model
+
+
+def load_glm(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device="cpu",
+    format: str = "auto",
+    quant: str | None = None,
+    group_size: int = 64,
+    exclude: Iterable[str] = (),
+) -> GLMModel:
+    """Build a GLMModel on the meta device and strictly load a THUDM, transformers or native checkpoint into it.
+
+    A checkpoint written by `multimodal quantize` loads as stored; a float one is quantized while it is read when
+    `quant` is "int8" or "int4" (`group_size` and the `exclude` globs as in `multimodal.quantize.QuantSpec`).
+    A bare transformers GlmModel loads as an encoder-only model (see the module docstring).
+    """
+    config, state, detected, checkpoint_config = _read_checkpoint(path, format)
+    model = build_glm(config, is_encoder_only(detected, checkpoint_config))
+    load_weights(model, state, checkpoint_config, quant or "none", group_size, dtype, exclude)
     return model.to(device).eval()
 
 
 def save_glm(model: GLMModel, out_dir: str | Path) -> Path:
     """Write a model in our native format (model.safetensors + config.json, kind "glm")."""
-    return save_native(model.state_dict(), model.config.to_dict(), out_dir, kind=KIND)
+    config = model.config.to_dict()
+    if isinstance(model.output, nn.Identity):
+        config[ENCODER_ONLY] = True
+    return save_native(model.state_dict(), config, out_dir, kind=KIND)
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, format: str = "auto", dtype=None) -> tuple[Path, str]:
-    """Convert a THUDM / transformers / native GLM checkpoint into our native format; returns (folder, format)."""
-    config, state, detected = read_glm_checkpoint(src, format)
-    model = build_on_meta(lambda: GLMModel(config))
+    """Convert a THUDM / transformers / native GLM checkpoint into our float native format; returns (folder, format).
+
+    Quantized checkpoints are refused: their float weights are gone, and `multimodal quantize` writes those.
+    """
+    config, state, detected, checkpoint_config = _read_checkpoint(src, format)
+    if "quant" in checkpoint_config:
+        raise CheckpointError(f"{src} is quantized; `multimodal convert` writes float checkpoints only.")
+    model = build_glm(config, is_encoder_only(detected, checkpoint_config))
     load_into(model, state, dtype=dtype)  # strict: every key used, every shape checked
     return save_glm(model, out_dir), detected

@@ -1,4 +1,8 @@
-"""`multimodal convert SRC OUT`: import a GLM checkpoint (THUDM's or transformers' format) into our native format."""
+"""`multimodal convert SRC OUT`: import a GLM checkpoint (THUDM's or transformers' format) into our native format.
+
+The output is always a float checkpoint (`multimodal quantize` writes quantized ones). A bare transformers `GlmModel`
+(CogView4's text encoder) has no output layer and converts into an encoder-only native checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("src", help="checkpoint folder (config.json + safetensors or .bin weights)")
     parser.add_argument("out", help="output folder (model.safetensors + config.json)")
-    parser.add_argument("--format", choices=["auto", "thudm", "hf", "native"], default="auto",
-                        help="source key layout (default: detected from the key names)")
+    parser.add_argument("--format", choices=["auto", "thudm", "hf", "hf-bare", "native"], default="auto",
+                        help="source key layout; hf-bare: a GlmModel without lm_head (default: detected from the keys)")
     parser.add_argument("--dtype", choices=["keep", "float32", "bfloat16", "float16"], default="keep",
                         help="store the weights in this dtype (default: as in the source)")
     parser.set_defaults(func=run)
