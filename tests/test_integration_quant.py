@@ -138,3 +138,18 @@ def test_int4_with_exclude_keeps_the_misfit_layers_in_float(engine, suite, capsy
     expected = VLMChat(twin, loaded.chat_model.tokenizer).answer(Image.open(image_path), QUESTION,
                                                                  sampling=Sampling(max_new_tokens=6))
     assert capsys.readouterr().out.startswith(expected + "\n")
+
+
+def test_draw_quantizes_a_lone_pipeline_folder_and_refuses_tp_there(engine, suite, tmp_path, capsys):
+    from diffusion.pipeline import save_relay_pipeline
+
+    painter = engine.painter
+    pipe = save_relay_pipeline(tmp_path / "pipe", painter.base, painter.relay, painter.config, text_encoder={
+        "checkpoint": str(suite / "vlm"), "tokenizer": str(suite / "vlm" / "tokenizer.json"), "format": "vlm"})
+    out = tmp_path / "dog.png"
+    assert main(["draw", "a dog with a hat", "--checkpoint", str(pipe), "--quant", "int8", "--out", str(out),
+                 "--seed", "5"]) == 0
+    expected = quantized_twin(engine, QuantSpec("int8")).draw("a dog with a hat", seed=5).relay[0]
+    assert Image.open(out).tobytes() == expected.tobytes()
+    assert main(["draw", "a dog", "--checkpoint", str(pipe), "--tp", "2", "--out", str(out)]) == 1
+    assert "--tp needs a suite folder" in capsys.readouterr().err
