@@ -23,14 +23,6 @@ from multimodal.engine import Engine, Sampling
 
 MAX_NEW_TOKENS = 8
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: a second thread only adds contention (up to 40x slower under load).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -8,15 +8,6 @@ from diffusion.denoiser import DIFFUSERS_KEYS, DiT, config_from_diffusers, dit_c
 from multimodal.checkpoint import CheckpointError, convert, load_into
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation, which costs dearly on a loaded two-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def pair():
     from diffusers import CogView4Transformer2DModel

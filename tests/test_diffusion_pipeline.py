@@ -19,15 +19,6 @@ from glm.model import GLMConfig, GLMModel
 from multimodal.checkpoint import convert, load_into
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation, which costs dearly on a loaded two-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tokenize(text: str) -> list[int]:
     return [3 + (ord(c) % 300) for c in text]
 

@@ -21,16 +21,6 @@ from diffusion.sampling import (
     truncate_sigmas,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation, which costs dearly on a loaded two-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 MU, STD = 0.3, 0.5  # the data distribution N(MU, STD^2) per pixel
 
 

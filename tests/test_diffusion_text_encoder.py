@@ -7,15 +7,6 @@ from diffusion.text_encoder import GLMTextEncoder
 from glm.model import GLMConfig, GLMModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread only adds synchronisation, which costs dearly on a loaded two-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def glm():
     return GLMModel(GLMConfig.from_preset("tiny")).init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
