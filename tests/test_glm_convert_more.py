@@ -132,3 +132,16 @@ def test_bare_glm_model_quantizes_on_load_and_converts_to_an_encoder_only_native
     assert native.state_dict().keys() == float_model.state_dict().keys()
     for key, tensor in native.state_dict().items():
         assert torch.equal(tensor, float_model.state_dict()[key]), key
+
+
+def test_multimodal_quantize_writes_an_encoder_only_checkpoint_from_the_bare_folder(bare, tmp_path):
+    _, folder = bare
+    out = tmp_path / "text_encoder-int8"
+    assert main(["quantize", str(folder), str(out), "--quant", "int8"]) == 0
+    assert json.loads((out / "config.json").read_text())["encoder_only"] is True
+    loaded = load_glm(out)
+    assert isinstance(loaded.output, nn.Identity)
+    expected = quantize_model(load_glm(folder), QuantSpec("int8"))
+    tokens = random_tokens(9)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), expected(tokens))

@@ -9,12 +9,15 @@ CPU and GPU. Every command that loads a model reads it through `multimodal.quant
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from multimodal.checkpoint import NATIVE_CONFIG, build_on_meta, load_into
 from multimodal.quantize import GROUP_SIZES, QuantSpec, convert_for_runtime, quantize_state_dict, save_quantized
 
 MODEL_KINDS = ("auto", "glm", "vlm")
+# Files a loader needs beside the weights; copied so the quantized folder loads on its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def register(subparsers) -> None:
@@ -43,11 +46,12 @@ def _read_float_checkpoint(source: Path, kind: str):
 
         config, state, _ = read_vlm_checkpoint(source)
         return build_on_meta(lambda: VisionLanguageModel(config)), state, config.to_dict()
-    from glm.convert import read_glm_checkpoint
-    from glm.model import GLMModel
+    from glm.convert import ENCODER_ONLY, build_glm, is_encoder_only, read_glm_checkpoint
 
-    config, state, _ = read_glm_checkpoint(source)
-    return build_on_meta(lambda: GLMModel(config)), state, config.to_dict()
+    config, state, detected = read_glm_checkpoint(source)
+    encoder_only = is_encoder_only(detected, _raw_config(source))
+    config_dict = {**config.to_dict(), **({ENCODER_ONLY: True} if encoder_only else {})}
+    return build_glm(config, encoder_only), state, config_dict
 
 
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, model_kind: str = "auto") -> Path:
@@ -62,7 +66,12 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, mo
     model, state, config = _read_float_checkpoint(source, kind)
     quantized_state = quantize_state_dict(state, model, spec)
     load_into(convert_for_runtime(model, spec), quantized_state)  # strict: every key used, every shape checked
-    return save_quantized(model, spec, config, out, kind)
+    written = save_quantized(model, spec, config, out, kind)
+    folder = source if source.is_dir() else source.parent
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copy2(folder / name, Path(out) / name)
+    return written
 
 
 def run(args) -> int:
