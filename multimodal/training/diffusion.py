@@ -2,8 +2,8 @@
 64x64 that exists only as the equal-compute baseline of the relay claim (`multimodal eval draw`).
 
 Prompts are encoded by the VLM's GLM core, frozen (CogView4 uses GLM-4 the same way): the states of its
-second-to-last layer. The core is final once the VLM's language stage is done, so this can train beside the VLM's
-vision stage; the run records the core's fingerprint and the export checks the shipped VLM has the same one.
+second-to-last layer. Those weights are final once the VLM's language stage is done, so this can train beside the
+VLM's vision stage; the run records their fingerprint and the export checks the shipped VLM has the same one.
 
 Data: scenes of the drawing world (`world.DRAWING`: one or two entities) from the train split, each with one of its
 drawing prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗"); 10% of prompts are dropped to ""
@@ -27,7 +27,7 @@ from diffusion.text_encoder import GLMTextEncoder
 from glm.tokenizer import GLMTokenizer
 from multimodal.checkpoint import read_native_config
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
-from multimodal.training.vlm import core_fingerprint
+from multimodal.training.vlm import text_encoder_fingerprint
 from multimodal.world import DRAWING, scene_tasks
 from vlm.convert import load_vlm
 
@@ -72,8 +72,8 @@ def train_diffusion(
     relay_config = RelayConfig()
     optimizer = torch.optim.AdamW(stages.parameters(), lr=lr, weight_decay=0.01)
     pool = TrainScenes(scenes, 64, DRAWING)
-    run = Run(out_dir, KIND, {"seed": seed, "core_fingerprint": core_fingerprint(vlm), "relay": relay_config.to_dict(),
-                              "text_dim": vlm.config.hidden_size})
+    run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
+                              "relay": relay_config.to_dict(), "text_dim": vlm.config.hidden_size})
     base, relay, single = (EDMDenoiser(m, relay_config.sigma_data) for m in (stages.base, stages.relay, stages.single))
 
     def step_loss(step: int) -> torch.Tensor:

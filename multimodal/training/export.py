@@ -7,7 +7,7 @@
     diffusion/single/       the single-stage 64x64 baseline, used only by `multimodal eval draw`
     judge/                  the judge (kind "judge")
 
-The diffusion run must have been trained on the very GLM core the VLM ships with: their fingerprints must agree.
+The diffusion run must have been trained on the very text encoder the VLM ships with: their fingerprints must agree.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffusion.pipeline import RelayConfig, save_dit, save_relay_pipeline
 from multimodal.checkpoint import NATIVE_WEIGHTS, load_into, read_native_config, read_state_dict
 from multimodal.training.diffusion import KIND as DIFFUSION_KIND
 from multimodal.training.diffusion import Stages
-from multimodal.training.vlm import core_fingerprint
+from multimodal.training.vlm import text_encoder_fingerprint
 from vlm.convert import load_vlm, save_vlm
 
 
@@ -27,14 +27,14 @@ def export_suite(vlm_run: Path, diffusion_run: Path, judge_run: Path, tokenizer:
     out_dir.mkdir(parents=True, exist_ok=True)
     vlm = load_vlm(vlm_run / "model")
     meta = read_native_config(diffusion_run / "model", DIFFUSION_KIND)
-    if meta["core_fingerprint"] != core_fingerprint(vlm):
+    if meta["text_encoder_fingerprint"] != text_encoder_fingerprint(vlm):
         raise ValueError(
-            f"The diffusion run in {diffusion_run} was trained on another GLM core than the VLM in {vlm_run} has."
+            f"The diffusion run in {diffusion_run} was trained on another text encoder than the VLM in {vlm_run} has."
         )
     stages = load_into(Stages(meta["text_dim"]), read_state_dict(diffusion_run / "model" / NATIVE_WEIGHTS))
     save_vlm(vlm, out_dir / "vlm")
     encoder = {"checkpoint": "../vlm", "tokenizer": "../tokenizer.json", "format": "vlm",
-               "core_fingerprint": meta["core_fingerprint"]}
+               "text_encoder_fingerprint": meta["text_encoder_fingerprint"]}
     save_relay_pipeline(out_dir / "diffusion", stages.base, stages.relay, RelayConfig.from_dict(meta["relay"]), encoder)
     save_dit(stages.single, out_dir / "diffusion" / "single")
     if (out_dir / "judge").exists():

@@ -1,13 +1,15 @@
 """Training the embedded VLM in CogVLM's two stages, on EmojiScenes train scenes.
 
 1. Language: the GLM core alone learns the world's text as chat turns (question -> answer, no image).
-2. Vision: the core is frozen, as CogVLM freezes its language model; the ViT, the adapter and the visual experts
-   (initialised as copies of the language expert, as CogVLM does) learn to answer about the image: captions,
-   grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese.
+2. Vision: the part of the core that encodes prompts for the diffusion model is frozen (the embeddings and every
+   layer but the last: CogView4 reads GLM's second-to-last hidden states); the ViT, the adapter, the visual experts
+   (initialised as copies of the language expert, as CogVLM does), the last language layer and the output head
+   learn to answer about the image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and
+   VQA, in English and Chinese.
 
-Freezing the core is what lets the diffusion model use the very same GLM as its frozen text encoder (CogView4
-encodes prompts with GLM): the core's weights are final after stage 1, so the two models can train side by side.
-Each stage is its own run folder (`<out>/language`, `<out>`) and resumes.
+Freezing the text-encoder part is what lets the diffusion model use the very same GLM as its frozen text encoder:
+those weights are final after stage 1, so the two models can train side by side, and `text_encoder_fingerprint`
+proves they agree. Each stage is its own run folder (`<out>/language`, `<out>`) and resumes.
 """
 
 from __future__ import annotations
@@ -47,11 +49,20 @@ def is_language_parameter(name: str) -> bool:
     return not (name.startswith(("vision.", "adapter.")) or ".vision_" in name)
 
 
-def core_fingerprint(model: VisionLanguageModel) -> str:
-    """A hash of the GLM core's weights: the VLM and the diffusion text encoder must agree on it."""
+def is_text_encoder_parameter(name: str, num_layers: int) -> bool:
+    """What the diffusion text encoder runs: the embeddings and the language path of every layer but the last."""
+    if name.startswith("embed."):
+        return True
+    if not name.startswith("layers.") or ".vision_" in name:
+        return False
+    return int(name.split(".")[1]) < num_layers - 1
+
+
+def text_encoder_fingerprint(model: VisionLanguageModel) -> str:
+    """A hash of the weights the text encoder uses: the VLM and the diffusion model must agree on it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if is_language_parameter(name):
+        if is_text_encoder_parameter(name, model.config.num_layers):
             digest.update(name.encode())
             digest.update(tensor.detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -122,17 +133,22 @@ def train_vlm(
 
     train(run, model, optimizer, Schedule(language_steps, lr, warmup=100), language_loss)
 
-    # Stage 2: freeze the core; the vision expert starts as a copy of the language expert.
-    for layer in model.layers:  # (a resumed run overwrites these with its checkpoint)
+    # Stage 2: freeze the text encoder's part of the core; the vision expert starts as a copy of the language one.
+    # (a resumed run overwrites all of this with its checkpoint)
+    with torch.no_grad():  # zero biases, so that the image, not a constant, dominates the first ViT features
+        for name, param in model.named_parameters():
+            if name.startswith(("vision.", "adapter.")) and name.endswith(".bias") and "norm" not in name:
+                param.zero_()
+    for layer in model.layers:
         layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
         layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
         layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
     for name, param in model.named_parameters():
-        param.requires_grad_(not is_language_parameter(name))
-    fingerprint = core_fingerprint(model)
+        param.requires_grad_(not is_text_encoder_parameter(name, config.text.num_layers))
+    fingerprint = text_encoder_fingerprint(model)
     vision = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
-    run = Run(out_dir, KIND, {**meta, "stage": "vision", "core_fingerprint": fingerprint})
+    run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
 
     def vision_loss(step: int) -> torch.Tensor:
         rng = random.Random(f"vlm-vision-{seed}-{step}")
@@ -148,5 +164,5 @@ def train_vlm(
         return answer_loss(logits, inputs.input_ids, lengths)
 
     train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes)
-    assert core_fingerprint(model) == fingerprint, "the frozen GLM core changed during the vision stage"
+    assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
     return run.model_dir
