@@ -293,8 +293,8 @@ def _font_px_for(emoji: str, side: float, along: str = "max") -> int:
     return max(4, round(side / extent))
 
 
-# Where an accessory sits on an animal face, as fractions of the face glyph: (width, centre y, anchor).
-# Hats: their bottom edge at `centre y` (on the forehead); glasses: centred on the eyes.
+# Where an accessory sits on an animal face, as fractions of the face glyph: (width, height of its anchor line).
+# Hats: their bottom edge on the anchor line (the forehead); glasses: centred on it (the eyes).
 _PLACEMENT = {"head": (0.72, 0.24), "eyes": (0.8, 0.45)}
 
 
