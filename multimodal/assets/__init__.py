@@ -1,7 +1,9 @@
 """The embedded default models and tokenizer, trained by `multimodal train ...` on the EmojiScenes world.
 
-Files: `tokenizer.json` (byte-level BPE with GLM's special tokens), and one native checkpoint folder per model
-(`judge/`, `vlm/`, `diffusion/`). OpenMoji-derived: CC BY-SA 4.0, see `multimodal.world.ATTRIBUTION`.
+A suite folder (written by `multimodal train export`): `tokenizer.json` (byte-level BPE with GLM's special tokens),
+`vlm/`, `diffusion/` (the relay pipeline, with the single-stage baseline in `diffusion/single/`) and `judge/`.
+Model folders ship only once they meet the measured table in the README; until then only the tokenizer does.
+OpenMoji-derived: CC BY-SA 4.0, see `multimodal.world.ATTRIBUTION`.
 """
 
 from __future__ import annotations
