@@ -29,4 +29,4 @@ test: env
 	$(VENV)/bin/python -m pytest tests
 
 demo: env
-	$(VENV)/bin/multimodal demo
+	$(VENV)/bin/multimodal demo $(DEMO_ARGS)
