@@ -172,12 +172,22 @@ def generate_tokens(model: GLMModel, prompts: Sequence[Sequence[int]], config: S
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(size, model.config.vocab_size, dtype=torch.bool, device=model.device)
         seen.scatter_(1, batch.ids, batch.valid[:, :width])
-    stops = torch.as_tensor(config.stop_tokens, dtype=torch.long, device=model.device)
-    alive = torch.ones(size, dtype=torch.bool, device=model.device)
     valid = batch.valid if batch.padded else None
     if max_new == 0:
         return
     logits = prefill(model, batch, cache)
+    yield from decode_steps(model, logits, config, generators, seen, batch.lengths, width, cache, valid, max_new)
+
+
+def decode_steps(model: GLMModel, logits: torch.Tensor, config: SamplingConfig, generators, seen, next_positions,
+                 width: int, cache, valid, max_new: int) -> Iterator[list]:
+    """The decode loop after any prefill (text or image prompts): sample, stop rows, feed each token back.
+
+    `logits` [B, V] are the prefill's last logits, `next_positions` [B] the rotary position of each row's first new
+    token and `width` the cache slot it is written to.
+    """
+    stops = torch.as_tensor(config.stop_tokens, dtype=torch.long, device=model.device)
+    alive = torch.ones(logits.shape[0], dtype=torch.bool, device=model.device)
     for step in range(max_new):
         tokens = sample(process_logits(logits, seen, config), config, generators)  # [B]
         alive &= ~torch.isin(tokens, stops)
@@ -188,7 +198,7 @@ def generate_tokens(model: GLMModel, prompts: Sequence[Sequence[int]], config: S
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = decode_one_token(model, tokens, batch.lengths + step, width + step, cache, valid)
+        logits = decode_one_token(model, tokens, next_positions + step, width + step, cache, valid)
 
 
 def generate(model: GLMModel, prompts: Sequence[Sequence[int]], config: SamplingConfig) -> list[list[int]]:

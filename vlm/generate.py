@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from glm.generate import SamplingConfig, decode_one_token, process_logits, sample
+from glm.generate import SamplingConfig, decode_steps
 from vlm.model import LANGUAGE, VisionLanguageModel
 from vlm.processor import VLMInputs
 
@@ -46,21 +46,9 @@ def generate_tokens(model: VisionLanguageModel, inputs: VLMInputs, config: Sampl
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=model.device)
         seen.scatter_(1, inputs.input_ids, inputs.attention_mask & (inputs.token_types == LANGUAGE))
-    stops = torch.as_tensor(config.stop_tokens, dtype=torch.long, device=model.device)
-    alive = torch.ones(batch, dtype=torch.bool, device=model.device)
     next_position = inputs.positions[:, -1] + 1  # [B]; every row ends at the last column
     logits = prefill(model, inputs, image_embeds, cache)
-    for step in range(max_new):
-        tokens = sample(process_logits(logits, seen, config), config, generators)  # [B]
-        alive &= ~torch.isin(tokens, stops)
-        if not alive.any():
-            return
-        yield [int(t) if a else None for t, a in zip(tokens.tolist(), alive.tolist())]
-        if step + 1 == max_new:
-            return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        logits = decode_one_token(model, tokens, next_position + step, width + step, cache, valid)
+    yield from decode_steps(model, logits, config, generators, seen, next_position, width, cache, valid, max_new)
 
 
 def generate(model: VisionLanguageModel, inputs: VLMInputs, config: SamplingConfig,
