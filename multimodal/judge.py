@@ -36,7 +36,7 @@ class JudgeConfig:
     vocab_size: int
     eos_id: int
     image_size: int = 64
-    patch_size: int = 16  # 64x64 -> a 4x4 grid: coarse, but a judge needs what is there, not exactly where
+    patch_size: int = 8  # 64x64 -> an 8x8 grid: the smallest objects of a scene span about one patch
     vision_width: int = 128
     vision_layers: int = 4
     text_width: int = 128

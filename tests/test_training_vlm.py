@@ -1,12 +1,21 @@
 """The VLM's two-stage training: the text encoder's weights stay exactly those of the language stage, the rest
-learns, and the diffusion export refuses a VLM whose text encoder differs."""
+learns, and the diffusion export refuses a VLM whose text encoder differs; the auxiliary vision losses."""
 
 from __future__ import annotations
 
 import torch
 
 from multimodal.assets import load_world_tokenizer
-from multimodal.training.vlm import is_text_encoder_parameter, text_encoder_fingerprint, train_vlm
+from multimodal.training.vlm import (
+    MIN_SPREAD,
+    PatchDetectionHead,
+    is_text_encoder_parameter,
+    patch_targets,
+    spread_loss,
+    text_encoder_fingerprint,
+    train_vlm,
+)
+from multimodal.world import CLASSES, make_scene, split_seeds
 from vlm.convert import load_vlm
 
 
@@ -24,3 +33,45 @@ def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
     assert frozen and not changed & frozen
     assert "vision.patch_embed.weight" in changed and f"layers.{layers - 1}.attn.qkv.weight" in changed
     assert f"layers.{layers - 2}.attn.vision_qkv.weight" in changed
+
+
+def test_patch_targets_mark_the_patch_holding_each_box_centre():
+    scenes = [make_scene(seed) for seed in split_seeds("train", 12)]
+    grid = 8
+    classes, boxes = patch_targets(scenes, grid)
+    names = list(CLASSES)
+    for row, scene in enumerate(scenes):
+        expected = {}
+        for index, obj in enumerate(scene.objects):  # the slow way: the centre in pixels, the patch it falls in
+            x0, y0, x1, y1 = obj.box
+            col, line = int((x0 + x1) / 2 / scene.size * grid), int((y0 + y1) / 2 / scene.size * grid)
+            cell = line * grid + col
+            area = (x1 - x0) * (y1 - y0)
+            if cell not in expected or area > expected[cell][0]:
+                expected[cell] = (area, index)
+        assert set(classes[row].nonzero().flatten().tolist()) == set(expected)
+        for cell, (_, index) in expected.items():
+            assert classes[row, cell] == 1 + names.index(scene.objects[index].name)
+            x0, y0, x1, y1 = scene.objects[index].box
+            torch.testing.assert_close(boxes[row, cell], torch.tensor([x0, y0, x1, y1]) / scene.size, atol=2e-3, rtol=0)
+
+
+def test_spread_loss_is_zero_for_varied_images_and_positive_for_a_constant_prefix(generator):
+    varied = torch.randn(64, 3, 16, generator=generator)  # [B, n, H]: every dimension varies across images
+    assert spread_loss(varied).item() < 0.05
+    constant = torch.randn(1, 3, 16, generator=generator) * 10 + 0.1 * varied  # a prefix with the image 1% of it
+    normalized = constant / constant.pow(2).mean(-1, keepdim=True).sqrt()
+    expected = (MIN_SPREAD - normalized.std(0)).clamp(min=0).mean()
+    torch.testing.assert_close(spread_loss(constant), expected, rtol=1e-4, atol=1e-6)
+    assert spread_loss(constant).item() > 0.5
+
+
+def test_the_detection_head_resumes_from_the_trainer_state(tmp_path):
+    torch.set_num_threads(1)
+    tokenizer = load_world_tokenizer()
+    train_vlm(tmp_path, tokenizer, steps=1, language_steps=1, batch_size=2, scenes=4)
+    state = torch.load(tmp_path / "trainer.pt", weights_only=True)
+    head = PatchDetectionHead(load_vlm(tmp_path / "model").vision.width)
+    head.load_state_dict(state["extra"])  # strict: every weight of the head is there
+    assert not any(name.startswith(("classes", "boxes", "background")) for name in
+                   load_vlm(tmp_path / "model").state_dict())

@@ -2,7 +2,8 @@
 
 Each image is paired with one of its texts, drawn per step: the English or Chinese caption, a drawing prompt
 ("a dog with a hat"), or "a {name}" for one of its objects (the single-object prompts the zero-shot presence test
-ranks). Only rendered scenes are used, never generated images.
+ranks). Half of every batch comes from the drawing world (one or two entities), the scenes the draw evaluation
+scores generated images against. Only rendered scenes are used, never generated images.
 """
 
 from __future__ import annotations
@@ -16,22 +17,22 @@ import torch.nn.functional as F
 from glm.tokenizer import GLMTokenizer
 from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
-from multimodal.world import CLASSES, make_scene, scene_tasks, split_seeds
+from multimodal.world import CLASSES, DRAWING, WorldConfig, make_scene, scene_tasks, split_seeds
 
 
 def judge_text(scene, rng: random.Random) -> str:
-    if rng.random() < 0.3:
+    if rng.random() < 0.4:
         return CLASSES[rng.choice(scene.objects).name].with_article()
     texts = [t.answer for t in scene_tasks(scene) if t.kind == "caption"]
     texts += [t.prompt for t in scene_tasks(scene) if t.kind == "draw"]
     return rng.choice(texts)
 
 
-def presence_accuracy(judge: Judge, split: str = "val", count: int = 200) -> float:
+def presence_accuracy(judge: Judge, split: str = "val", count: int = 200, world: WorldConfig = WorldConfig()) -> float:
     """Fraction of rendered scenes in which every object is found present (the ceiling for generated images)."""
     from multimodal.training.loop import scene_image
 
-    scenes = [make_scene(seed) for seed in split_seeds(split, count)]
+    scenes = [make_scene(seed, world) for seed in split_seeds(split, count)]
     images = [scene_image(scene, judge.config.image_size) for scene in scenes]
     found = judge.presence(images, [[o.name for o in scene.objects] for scene in scenes])
     return sum(all(result.values()) for result in found) / len(found)
@@ -45,14 +46,15 @@ def train_judge(
     config = JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN))
     model = build_judge(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    pool = TrainScenes(scenes, config.image_size)
+    pools = (TrainScenes(scenes, config.image_size), TrainScenes(scenes, config.image_size, DRAWING))
     run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
 
     def step_loss(step: int) -> torch.Tensor:
         rng = random.Random(f"judge-{seed}-{step}")
-        seeds = pool.batch_seeds(rng, batch_size)
-        texts = [judge_text(pool.scene(s), rng) for s in seeds]
-        images = pool.images(seeds)  # [B, 3, S, S]
+        half = batch_size // 2
+        batches = [(pool, pool.batch_seeds(rng, n)) for pool, n in zip(pools, (batch_size - half, half))]
+        texts = [judge_text(pool.scene(s), rng) for pool, seeds in batches for s in seeds]
+        images = torch.cat([pool.images(seeds) for pool, seeds in batches])  # [B, 3, S, S]
         ids = text_batch(tokenizer, texts, config.context_length, config.eos_id)  # [B, L]
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(ids, normalize=True)
@@ -63,7 +65,9 @@ def train_judge(
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
     def evaluate() -> str:
-        return f"val presence {presence_accuracy(Judge(model, tokenizer, config)):.3f}"
+        judge = Judge(model, tokenizer, config)
+        return (f"val presence {presence_accuracy(judge):.3f}, "
+                f"drawing world {presence_accuracy(judge, world=DRAWING):.3f}")
 
     step = train(run, model, optimizer, Schedule(steps, lr), step_loss, minutes=minutes, evaluate=evaluate,
                  evaluate_every=500)

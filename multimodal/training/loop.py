@@ -94,8 +94,10 @@ class Run:
     def model_dir(self) -> Path:
         return self.out_dir / "model"
 
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the last checkpoint if there is one; return the step to continue from."""
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               extra: torch.nn.Module | None = None) -> int:
+        """Load the last checkpoint if there is one (and `extra`, a training-only module); return the step to continue
+        from."""
         trainer = self.out_dir / "trainer.pt"
         if not trainer.exists():
             return 0
@@ -105,14 +107,20 @@ class Run:
         model.load_state_dict(dict(weights), strict=True)
         state = torch.load(trainer, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
         self.log(f"resumed {self.kind} at step {state['step']}")
         return int(state["step"])
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+             extra: torch.nn.Module | None = None) -> None:
         # Write the trainer state last: a run killed mid-save resumes from the previous, complete checkpoint.
         save_native(model.state_dict(), {**self.config, "step": step}, self.model_dir, self.kind)
         tmp = self.out_dir / "trainer.pt.tmp"
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp)
+        state = {"optimizer": optimizer.state_dict(), "step": step}
+        if extra is not None:
+            state["extra"] = extra.state_dict()
+        torch.save(state, tmp)
         tmp.replace(self.out_dir / "trainer.pt")
 
     def log(self, line: str) -> None:
@@ -133,10 +141,12 @@ def train(
     minutes: float | None = None,
     evaluate: Callable[[], str] | None = None,
     evaluate_every: int = 1000,
+    extra: torch.nn.Module | None = None,
 ) -> int:
     """The loop: `step_loss(step)` builds the batch of that step and returns its loss; stops after `schedule.steps`
-    steps or `minutes` of wall time, saving on the way out. Returns the step reached."""
-    step = run.resume(model, optimizer)
+    steps or `minutes` of wall time, saving on the way out. `extra` is a training-only module (an auxiliary head)
+    whose weights go into the trainer state, not the model. Returns the step reached."""
+    step = run.resume(model, optimizer, extra)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     window_loss, window_start = 0.0, time.monotonic()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -161,10 +171,10 @@ def train(
             run.log(f"step {step} eval: {evaluate()}")
             model.train()
         if step % save_every == 0:
-            run.save(model, optimizer, step)
+            run.save(model, optimizer, step, extra)
         if deadline is not None and time.monotonic() > deadline:
             run.log(f"time budget of {minutes} minutes reached at step {step}")
             break
-    run.save(model, optimizer, step)
+    run.save(model, optimizer, step, extra)
     model.eval()
     return step

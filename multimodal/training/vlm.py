@@ -5,7 +5,13 @@
    layer but the last: CogView4 reads GLM's second-to-last hidden states); the ViT, the adapter, the visual experts
    (initialised as copies of the language expert, as CogVLM does), the last language layer and the output head
    learn to answer about the image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and
-   VQA, in English and Chinese.
+   VQA, in English and Chinese. The ViT starts from scratch, and the answer loss alone lets its features drift to a
+   near-constant the language model learns to ignore (the same answer for every image); a training-only head on its
+   patch features (which object is centred in each patch, that object's box, the background colour) keeps them
+   about the image from the first step. The head is not part of the model; its weights live in the trainer state.
+   The adapter's output drifts the same way (a constant prefix the language model adapts to, the image a few per
+   cent of it), so a spread term asks each dimension of its RMS-normalised patch embeddings (what the core's input
+   norm passes on) to vary across the images of a batch.
 
 Freezing the text-encoder part is what lets the diffusion model use the very same GLM as its frozen text encoder:
 those weights are final after stage 1, so the two models can train side by side, and `text_encoder_fingerprint`
@@ -20,11 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from glm.model import GLMConfig
 from glm.tokenizer import GLMTokenizer
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
-from multimodal.world import Scene, Task, scene_tasks
+from multimodal.world import CLASSES, COLOURS, Scene, Task, scene_tasks
 from vlm.adapter import AdapterConfig
 from vlm.model import VisionLanguageModel, VLMConfig
 from vlm.processor import Processor
@@ -33,6 +40,8 @@ from vlm.vit import ViTConfig
 KIND = "vlm"
 STOP_TOKEN = "<|user|>"  # a reply ends where the next user turn would begin (GLM-4 chat)
 TASK_WEIGHTS = {"refer": 0.35, "vqa": 0.35, "caption": 0.15, "grounded_caption": 0.15}
+BOX_LOSS_WEIGHT = 5.0  # box L1 is in units of the image side: 0.05 off is a large miss at this scale
+MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
 
 
 def world_vlm_config(vocab_size: int) -> VLMConfig:
@@ -98,6 +107,54 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+class PatchDetectionHead(nn.Module):
+    """ViT patch features [B, g*g, W] -> per patch: the class of the object whose box centre lies in it (or none) and
+    that object's box; from the mean feature, the background colour."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.classes = nn.Linear(width, len(CLASSES) + 1)  # 0: no object centred here
+        self.boxes = nn.Linear(width, 4)
+        self.background = nn.Linear(width, len(COLOURS))
+
+    def loss(self, features: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+        grid = round(features.shape[1] ** 0.5)
+        classes, boxes = patch_targets(scenes, grid)  # [B, g*g], [B, g*g, 4]
+        colours = torch.tensor([list(COLOURS).index(scene.background.colour) for scene in scenes])
+        class_loss = F.cross_entropy(self.classes(features).flatten(0, 1), classes.flatten())
+        centred = classes > 0
+        box_loss = F.l1_loss(self.boxes(features)[centred].sigmoid(), boxes[centred]) if centred.any() else 0.0
+        colour_loss = F.cross_entropy(self.background(features.mean(1)), colours)
+        return class_loss + BOX_LOSS_WEIGHT * box_loss + colour_loss
+
+
+def spread_loss(image_embeds: torch.Tensor) -> torch.Tensor:
+    """image_embeds [B, n, H] (patch tokens) -> how far each dimension's std across the batch, after RMS
+    normalisation per token, falls short of MIN_SPREAD (a hinge, as VICReg's variance term)."""
+    normalized = image_embeds * torch.rsqrt(image_embeds.pow(2).mean(-1, keepdim=True) + 1e-6)  # [B, n, H]
+    return F.relu(MIN_SPREAD - normalized.std(0)).mean()
+
+
+def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids [B, g*g] (0 = none, else 1 + index in CLASSES) and boxes [B, g*g, 4] in [0, 1]; where two objects
+    are centred in one patch, the larger one."""
+    names = list(CLASSES)
+    classes = torch.zeros(len(scenes), grid * grid, dtype=torch.long)
+    boxes = torch.zeros(len(scenes), grid * grid, 4)
+    for row, scene in enumerate(scenes):
+        order = sorted(range(len(scene.objects)), key=lambda i: _area(scene.box_per_mille(i)))  # large ones last
+        for index in order:
+            x0, y0, x1, y1 = scene.box_per_mille(index)
+            cell = min(grid - 1, (y0 + y1) * grid // 2000) * grid + min(grid - 1, (x0 + x1) * grid // 2000)
+            classes[row, cell] = 1 + names.index(scene.objects[index].name)
+            boxes[row, cell] = torch.tensor([x0, y0, x1, y1]) / 1000
+    return classes, boxes
+
+
+def _area(box: tuple[int, int, int, int]) -> int:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
 def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> the processor's normalisation (multimodal.image.to_tensor)."""
     mean = torch.tensor(config.vision.mean).view(1, 3, 1, 1)
@@ -146,7 +203,8 @@ def train_vlm(
     for name, param in model.named_parameters():
         param.requires_grad_(not is_text_encoder_parameter(name, config.text.num_layers))
     fingerprint = text_encoder_fingerprint(model)
-    vision = [p for p in model.parameters() if p.requires_grad]
+    head = PatchDetectionHead(config.vision.width)
+    vision = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
 
@@ -158,11 +216,14 @@ def train_vlm(
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
         inputs = processor.layout(rows, config.image_tokens, pixels)
-        logits = model(inputs.input_ids, image_embeds=model.encode_image(inputs.pixels),
+        features = model.vision(inputs.pixels)  # [B, g*g, W]
+        image_embeds = model.adapter(features)  # [B, n, H]: boi, patches, eoi
+        logits = model(inputs.input_ids, image_embeds=image_embeds,
                        image_start=inputs.image_start, positions=inputs.positions,
                        attention_mask=inputs.attention_mask)
-        return answer_loss(logits, inputs.input_ids, lengths)
+        detection = head.loss(features, [pool.scene(s) for s in seeds])
+        return answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(image_embeds[:, 1:-1])
 
-    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes)
+    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=head)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
     return run.model_dir
