@@ -22,7 +22,7 @@ from vlm.convert import load_vlm
 def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
-    train_vlm(tmp_path, tokenizer, steps=2, language_steps=2, batch_size=2, scenes=6)
+    train_vlm(tmp_path, tokenizer, steps=2, language_steps=2, tower_steps=2, batch_size=2, scenes=6)
     language = load_vlm(tmp_path / "language" / "model")
     vision = load_vlm(tmp_path / "model")
     assert text_encoder_fingerprint(language) == text_encoder_fingerprint(vision)
@@ -31,7 +31,7 @@ def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
     changed = {name for name in after if not torch.equal(before[name], after[name])}
     frozen = {name for name in after if is_text_encoder_parameter(name, layers)}
     assert frozen and not changed & frozen
-    assert "vision.patch_embed.weight" in changed and f"layers.{layers - 1}.attn.qkv.weight" in changed
+    assert "vision.patch_embed.convs.0.weight" in changed and f"layers.{layers - 1}.attn.qkv.weight" in changed
     assert f"layers.{layers - 2}.attn.vision_qkv.weight" in changed
 
 
@@ -69,7 +69,7 @@ def test_spread_loss_is_zero_for_varied_images_and_positive_for_a_constant_prefi
 def test_the_detection_head_resumes_from_the_trainer_state(tmp_path):
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
-    train_vlm(tmp_path, tokenizer, steps=1, language_steps=1, batch_size=2, scenes=4)
+    train_vlm(tmp_path, tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
     state = torch.load(tmp_path / "trainer.pt", weights_only=True)
     head = PatchDetectionHead(load_vlm(tmp_path / "model").vision.width)
     head.load_state_dict(state["extra"])  # strict: every weight of the head is there

@@ -11,9 +11,12 @@ from PIL import Image
 
 from glm.generate import SamplingConfig, decode_one_token
 from glm.model import GLMModel
+from multimodal.training.vlm import world_vlm_config
+from vlm.convert import load_vlm, save_vlm
 from vlm.generate import generate, prefill
 from vlm.model import LANGUAGE, VISION, VisionLanguageModel, VLMConfig
 from vlm.processor import Processor, position_ids, template_pieces, vision_expert_span
+from vlm.vit import ConvStem, ViTConfig
 
 L, V = LANGUAGE, VISION
 
@@ -238,3 +241,27 @@ def test_templates_place_the_image_and_history():
         + tokenizer.encode("\n")
     with pytest.raises(ValueError, match="template"):
         Processor(tokenizer, VLMConfig.from_preset("tiny"), template="nope")
+
+
+def test_conv_stem_makes_the_patch_grid_from_local_pixels(generator):
+    with pytest.raises(ValueError, match="8-pixel patches, not 16"):
+        ViTConfig(image_size=64, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64, conv_stem=3)
+    stem = ConvStem(3, 32)
+    pixels = torch.randn(2, 3, 64, 64, generator=generator)
+    features = stem(pixels)  # [B, W, 8, 8]
+    assert features.shape == (2, 32, 8, 8)
+    # Three 3x3 stride-2 convs see at most 15 pixels around a cell: a pixel change far away leaves it untouched.
+    changed = pixels.clone()
+    changed[:, :, 48:, 48:] += 1.0
+    moved = (stem(changed) - features).abs().amax(dim=(0, 1))  # [8, 8]
+    assert moved[:4, :4].max() == 0 and moved[6:, 6:].min() > 0
+
+
+def test_a_conv_stem_vlm_saves_and_loads(tmp_path):
+    config = world_vlm_config(300)
+    model = VisionLanguageModel(config).init_weights(generator=torch.Generator().manual_seed(1))
+    save_vlm(model, tmp_path)
+    loaded = load_vlm(tmp_path)
+    assert loaded.vlm_config.vision.conv_stem == 3
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)

@@ -35,10 +35,14 @@ class ViTConfig:
     norm_eps: float = 1e-6
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    conv_stem: int = 0  # > 0: that many 3x3 stride-2 convs instead of the patchifying conv (patch = 2**conv_stem)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}.")
+        if self.conv_stem and 2**self.conv_stem != self.patch_size:
+            raise ValueError(f"A {self.conv_stem}-conv stem makes {2**self.conv_stem}-pixel patches, "
+                             f"not {self.patch_size}.")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by {self.heads} heads.")
 
@@ -106,13 +110,37 @@ class ViTBlock(nn.Module):
         return x + self.mlp_norm(self.mlp(x))
 
 
+class ConvStem(nn.Module):
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better") in place of the
+    patchifying conv: 3x3 stride-2 convs with GELU, channels doubling up to the width, then a 1x1 projection. Same
+    output grid, but each token starts from local features, which a small ViT trained from scratch learns far
+    faster than from raw 8x8 pixel patches."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__()
+        channels = [3] + [width // 2 ** (layers - i) for i in range(1, layers + 1)]  # e.g. 3, 32, 64, 128
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1) for c_in, c_out in zip(channels, channels[1:])
+        )
+        self.proj = nn.Conv2d(width, width, kernel_size=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels
+        for conv in self.convs:
+            x = F.gelu(conv(x))  # [B, C, S / 2^i, S / 2^i]
+        return self.proj(x)  # [B, W, g, g]
+
+
 class VisionTransformer(nn.Module):
     """pixels [B, 3, S, S] (S a multiple of the patch) -> patch features [B, (S/patch)^2, width], CLS dropped."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
-        self.patch_embed = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embed = (
+            ConvStem(config.conv_stem, config.width) if config.conv_stem
+            else nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        )  # fmt: skip
         self.cls_token = nn.Parameter(torch.empty(1, config.width))
         self.pos_embed = nn.Embedding(config.num_positions, config.width)
         self.blocks = nn.ModuleList(ViTBlock(config) for _ in range(config.depth))
@@ -143,7 +171,7 @@ class VisionTransformer(nn.Module):
                 f"Images must be square with a side that is a multiple of {self.config.patch_size}; "
                 f"got {pixels.shape[-2]}x{pixels.shape[-1]}."
             )
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))  # [B, W, g, g]
+        x = self.patch_embed(pixels.to(self.pos_embed.weight.dtype))  # [B, W, g, g]
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)  # [B, g*g, W]
         cls = self.cls_token.expand(x.shape[0], 1, -1)  # [B, 1, W]

@@ -4,6 +4,10 @@ Each image is paired with one of its texts, drawn per step: the English or Chine
 ("a dog with a hat"), or "a {name}" for one of its objects (the single-object prompts the zero-shot presence test
 ranks). Half of every batch comes from the drawing world (one or two entities), the scenes the draw evaluation
 scores generated images against. Only rendered scenes are used, never generated images.
+
+A second contrastive term ranks every image against the single-object prompts of the whole vocabulary, its own
+objects being the positives: the zero-shot presence test, trained for directly (the prompts as class
+prototypes, as CLIP's zero-shot classifier uses them).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from glm.tokenizer import GLMTokenizer
 from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
-from multimodal.world import CLASSES, DRAWING, WorldConfig, make_scene, scene_tasks, split_seeds
+from multimodal.world import CLASSES, DRAWING, VOCABULARY, WorldConfig, make_scene, scene_tasks, split_seeds
 
 
 def judge_text(scene, rng: random.Random) -> str:
@@ -48,12 +52,15 @@ def train_judge(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     pools = (TrainScenes(scenes, config.image_size), TrainScenes(scenes, config.image_size, DRAWING))
     run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
+    class_ids = text_batch(tokenizer, [c.with_article() for c in VOCABULARY], config.context_length, config.eos_id)
+    class_index = {c.name: i for i, c in enumerate(VOCABULARY)}
 
     def step_loss(step: int) -> torch.Tensor:
         rng = random.Random(f"judge-{seed}-{step}")
         half = batch_size // 2
         batches = [(pool, pool.batch_seeds(rng, n)) for pool, n in zip(pools, (batch_size - half, half))]
-        texts = [judge_text(pool.scene(s), rng) for pool, seeds in batches for s in seeds]
+        scenes = [pool.scene(s) for pool, seeds in batches for s in seeds]
+        texts = [judge_text(scene, rng) for scene in scenes]
         images = torch.cat([pool.images(seeds) for pool, seeds in batches])  # [B, 3, S, S]
         ids = text_batch(tokenizer, texts, config.context_length, config.eos_id)  # [B, L]
         image_features = model.encode_image(images, normalize=True)
@@ -62,7 +69,14 @@ def train_judge(
         # Identical texts in a batch are all positives for each other's images.
         same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
         targets = same / same.sum(1, keepdim=True)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        pairs = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        class_features = model.encode_text(class_ids, normalize=True)  # [C, D]
+        class_logits = model.logit_scale.exp().clamp(max=100) * image_features @ class_features.T  # [B, C]
+        present = torch.zeros_like(class_logits)
+        for row, scene in enumerate(scenes):
+            for obj in scene.objects:
+                present[row, class_index[obj.name]] = 1.0
+        return pairs + F.cross_entropy(class_logits, present / present.sum(1, keepdim=True))
 
     def evaluate() -> str:
         judge = Judge(model, tokenizer, config)

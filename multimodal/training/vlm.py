@@ -1,21 +1,24 @@
-"""Training the embedded VLM in CogVLM's two stages, on EmojiScenes train scenes.
+"""Training the embedded VLM in CogVLM's stages, on EmojiScenes train scenes.
 
 1. Language: the GLM core alone learns the world's text as chat turns (question -> answer, no image).
-2. Vision: the part of the core that encodes prompts for the diffusion model is frozen (the embeddings and every
+2. Tower: the ViT (a conv stem, then the transformer) alone learns the world's objects through a training-only head
+   on its patch features: which object is centred in each patch (balanced against the empty patches), that object's
+   box, the background colour. CogVLM starts from a pretrained EVA-CLIP; this is ours, and it is quick because no
+   language model runs.
+3. Vision: the part of the core that encodes prompts for the diffusion model is frozen (the embeddings and every
    layer but the last: CogView4 reads GLM's second-to-last hidden states); the ViT, the adapter, the visual experts
    (initialised as copies of the language expert, as CogVLM does), the last language layer and the output head
    learn to answer about the image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and
-   VQA, in English and Chinese. The ViT starts from scratch, and the answer loss alone lets its features drift to a
-   near-constant the language model learns to ignore (the same answer for every image); a training-only head on its
-   patch features (which object is centred in each patch, that object's box, the background colour) keeps them
-   about the image from the first step. The head is not part of the model; its weights live in the trainer state.
-   The adapter's output drifts the same way (a constant prefix the language model adapts to, the image a few per
-   cent of it), so a spread term asks each dimension of its RMS-normalised patch embeddings (what the core's input
-   norm passes on) to vary across the images of a batch.
+   VQA, in English and Chinese. The detection head keeps training beside them: through the answer loss alone a
+   from-scratch tower drifts to near-constant features the language model learns to ignore (the same answer for
+   every image). The adapter's output drifts the same way (a constant prefix the language model adapts to, the image
+   a few per cent of it), so a spread term asks each dimension of its RMS-normalised patch embeddings (what the
+   core's input norm passes on) to vary across the images of a batch. The head is not part of the model; its
+   weights live in the trainer state.
 
 Freezing the text-encoder part is what lets the diffusion model use the very same GLM as its frozen text encoder:
 those weights are final after stage 1, so the two models can train side by side, and `text_encoder_fingerprint`
-proves they agree. Each stage is its own run folder (`<out>/language`, `<out>`) and resumes.
+proves they agree. Each stage is its own run folder (`<out>/language`, `<out>/tower`, `<out>`) and resumes.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding di
 
 
 def world_vlm_config(vocab_size: int) -> VLMConfig:
-    """64x64 images, 8x8 patches merged 2x2 by the adapter's conv: 16 patch tokens + boi + eoi."""
+    """64x64 images, 8x8 patches (from a conv stem) merged 2x2 by the adapter's conv: 16 patch tokens + boi + eoi."""
     text = GLMConfig(vocab_size=vocab_size, hidden_size=192, num_layers=4, num_heads=6, num_kv_groups=2, head_dim=32,
                      ffn_hidden_size=512, norm_eps=1e-5, rope_ratio=1.0, max_seq_len=320)
-    vision = ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=256)
+    vision = ViTConfig(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=256, conv_stem=3)
     adapter = AdapterConfig(vision_width=128, hidden=192, ffn=512, conv_width=128)
     return VLMConfig(text=text, vision=vision, adapter=adapter, template="suite")
 
@@ -121,8 +124,11 @@ class PatchDetectionHead(nn.Module):
         grid = round(features.shape[1] ** 0.5)
         classes, boxes = patch_targets(scenes, grid)  # [B, g*g], [B, g*g, 4]
         colours = torch.tensor([list(COLOURS).index(scene.background.colour) for scene in scenes])
-        class_loss = F.cross_entropy(self.classes(features).flatten(0, 1), classes.flatten())
+        per_cell = F.cross_entropy(self.classes(features).transpose(1, 2), classes, reduction="none")  # [B, g*g]
         centred = classes > 0
+        # Objects are centred in a few of the 64 patches: balance them against the empty ones, or "none" everywhere
+        # is a good-enough answer and recognition is learned late.
+        class_loss = per_cell[~centred].mean() + (per_cell[centred].mean() if centred.any() else 0.0)
         box_loss = F.l1_loss(self.boxes(features)[centred].sigmoid(), boxes[centred]) if centred.any() else 0.0
         colour_loss = F.cross_entropy(self.background(features.mean(1)), colours)
         return class_loss + BOX_LOSS_WEIGHT * box_loss + colour_loss
@@ -164,7 +170,8 @@ def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
 
 def train_vlm(
     out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, language_steps: int = 400,
-    batch_size: int = 16, lr: float = 1e-3, scenes: int = 20000, minutes: float | None = None,
+    tower_steps: int = 2000, batch_size: int = 16, lr: float = 1e-3, scenes: int = 20000,
+    minutes: float | None = None,
 ) -> Path:  # fmt: skip
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -190,12 +197,30 @@ def train_vlm(
 
     train(run, model, optimizer, Schedule(language_steps, lr, warmup=100), language_loss)
 
-    # Stage 2: freeze the text encoder's part of the core; the vision expert starts as a copy of the language one.
-    # (a resumed run overwrites all of this with its checkpoint)
-    with torch.no_grad():  # zero biases, so that the image, not a constant, dominates the first ViT features
-        for name, param in model.named_parameters():
+    # Stage 2: the ViT alone learns the world's objects from the per-patch detection head (fast: no language model
+    # in the loop), as CogVLM starts from a pretrained tower. (a resumed run overwrites all of this with its
+    # checkpoint)
+    with torch.no_grad():
+        for module in model.vision.modules():  # convs from PyTorch's init: at std 0.02 a conv stack fades the image
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+        for name, param in model.named_parameters():  # zero biases: the image, not a constant, leads the features
             if name.startswith(("vision.", "adapter.")) and name.endswith(".bias") and "norm" not in name:
                 param.zero_()
+    head = PatchDetectionHead(config.vision.width)
+    tower = list(model.vision.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(tower, lr=lr, weight_decay=0.01)
+    run = Run(out_dir / "tower", KIND, {**meta, "stage": "tower", "tower_steps": tower_steps})
+
+    def tower_loss(step: int) -> torch.Tensor:
+        rng = random.Random(f"vlm-tower-{seed}-{step}")
+        seeds = pool.batch_seeds(rng, batch_size)
+        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
+        return head.loss(model.vision(pixels), [pool.scene(s) for s in seeds])
+
+    train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head)
+
+    # Stage 3: freeze the text encoder's part of the core; the vision expert starts as a copy of the language one.
     for layer in model.layers:
         layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
         layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
@@ -203,7 +228,6 @@ def train_vlm(
     for name, param in model.named_parameters():
         param.requires_grad_(not is_text_encoder_parameter(name, config.text.num_layers))
     fingerprint = text_encoder_fingerprint(model)
-    head = PatchDetectionHead(config.vision.width)
     vision = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
