@@ -1,7 +1,8 @@
 """Prompts -> text states for the denoiser, from the GLM language core (as CogView4 uses GLM-4-9B).
 
-The states are the output of the second-to-last GLM layer (transformers' `hidden_states[-2]`); only the layers up to
-there run, never the last layer or the vocabulary projection. Token ids are left-padded to a multiple of 16.
+The states are the output of the second-to-last GLM layer (transformers' `hidden_states[-2]`), or of layer
+`config.text_encoder_layers` where a core was grown after its text encoder was fixed; only the layers up to there
+run, never the vocabulary projection. Token ids are left-padded to a multiple of 16.
 
 The encoder holds a reference to a `GLMModel` and copies nothing, so a process that also runs the VLM passes the
 VLM's own model (`VisionLanguageModel` is a `GLMModel`; its expert layers take the language path for text) and the
@@ -87,6 +88,6 @@ class GLMTextEncoder:
             mask = None
         cos, sin = self.model.rope(positions)
         x = self.model.embed(tokens)  # [B, T, hidden]
-        for layer in self.model.layers[:-1]:
+        for layer in self.model.layers[: self.model.config.encoder_layers]:
             x = layer(x, cos, sin, None, 0, mask)
         return x, (valid if self.mask_padding else None)

@@ -39,12 +39,23 @@ class GLMConfig:
     norm_eps: float = 1e-5
     rope_ratio: float = 1.0  # rotary base = 10000 * rope_ratio
     max_seq_len: int = 8192  # rotary table length and default cache length
+    # Layers a text encoder runs (its states are that layer's output); None: all but the last, CogView4's
+    # second-to-last hidden states. A core grown after its text encoder was fixed keeps the count it was trained with.
+    text_encoder_layers: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_groups:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_groups {self.num_kv_groups}.")
+        if self.text_encoder_layers is not None and not 0 < self.text_encoder_layers < self.num_layers:
+            raise ValueError(f"text_encoder_layers ({self.text_encoder_layers}) must be between 1 and "
+                             f"num_layers - 1 ({self.num_layers - 1}).")
         if self.head_dim % 4:
             raise ValueError(f"head_dim ({self.head_dim}) must be a multiple of 4 (half of it is rotated in pairs).")
+
+    @property
+    def encoder_layers(self) -> int:
+        """How many layers a text encoder over this core runs."""
+        return self.text_encoder_layers or self.num_layers - 1
 
     @property
     def rope_theta(self) -> float:

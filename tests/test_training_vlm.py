@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from diffusion.text_encoder import GLMTextEncoder
 from multimodal.assets import load_world_tokenizer
 from multimodal.training.vlm import (
+    GROWN_LAYERS,
     MIN_SPREAD,
     PatchDetectionHead,
+    grow,
     is_text_encoder_parameter,
     patch_targets,
     spread_loss,
     text_encoder_fingerprint,
     train_vlm,
+    world_vlm_config,
 )
 from multimodal.world import CLASSES, make_scene, split_seeds
 from vlm.convert import load_vlm
+from vlm.model import VisionLanguageModel
 
 
 def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
@@ -26,13 +31,33 @@ def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
     language = load_vlm(tmp_path / "language" / "model")
     vision = load_vlm(tmp_path / "model")
     assert text_encoder_fingerprint(language) == text_encoder_fingerprint(vision)
-    layers = vision.config.num_layers
+    layers = language.config.num_layers
+    assert vision.config.num_layers == layers + GROWN_LAYERS and vision.config.encoder_layers == layers - 1
     before, after = language.state_dict(), vision.state_dict()
-    changed = {name for name in after if not torch.equal(before[name], after[name])}
-    frozen = {name for name in after if is_text_encoder_parameter(name, layers)}
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    frozen = {name for name in after if is_text_encoder_parameter(name, layers - 1)}
     assert frozen and not changed & frozen
     assert "vision.patch_embed.convs.0.weight" in changed and f"layers.{layers - 1}.attn.qkv.weight" in changed
     assert f"layers.{layers - 2}.attn.vision_qkv.weight" in changed
+    assert after[f"layers.{layers}.attn.dense.weight"].abs().sum() > 0  # a grown layer's zero projection learned
+
+
+def test_grown_layers_start_as_the_identity(generator):
+    config = world_vlm_config(300)
+    model = VisionLanguageModel(config).init_weights(generator=generator)
+    grown, grown_config = grow(model, config, 2)
+    assert grown_config.text.num_layers == config.text.num_layers + 2 and grown_config.text.encoder_layers == 3
+    ids = torch.randint(0, 300, (2, 9), generator=generator)
+    pixels = torch.randn(2, 3, 64, 64, generator=generator)
+    positions = torch.arange(9 + config.image_tokens).expand(2, -1)
+    ids_with_image = torch.cat([ids[:, :2], torch.zeros(2, config.image_tokens, dtype=torch.long), ids[:, 2:]], 1)
+    with torch.no_grad():
+        expected = model(ids_with_image, image_embeds=model.encode_image(pixels), image_start=2, positions=positions)
+        actual = grown(ids_with_image, image_embeds=grown.encode_image(pixels), image_start=2, positions=positions)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        text_states = [GLMTextEncoder(m, lambda t: [3 + ord(c) % 200 for c in t], pad_id=0)(["a dog"])[0]
+                       for m in (model, grown)]
+    torch.testing.assert_close(text_states[1], text_states[0], rtol=0, atol=0)
 
 
 def test_patch_targets_mark_the_patch_holding_each_box_centre():

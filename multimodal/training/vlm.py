@@ -5,16 +5,17 @@
    on its patch features: which object is centred in each patch (balanced against the empty patches), that object's
    box, the background colour. CogVLM starts from a pretrained EVA-CLIP; this is ours, and it is quick because no
    language model runs.
-3. Vision: the part of the core that encodes prompts for the diffusion model is frozen (the embeddings and every
-   layer but the last: CogView4 reads GLM's second-to-last hidden states); the ViT, the adapter, the visual experts
-   (initialised as copies of the language expert, as CogVLM does), the last language layer and the output head
-   learn to answer about the image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and
-   VQA, in English and Chinese. The detection head keeps training beside them: through the answer loss alone a
-   from-scratch tower drifts to near-constant features the language model learns to ignore (the same answer for
-   every image). The adapter's output drifts the same way (a constant prefix the language model adapts to, the image
-   a few per cent of it), so a spread term asks each dimension of its RMS-normalised patch embeddings (what the
-   core's input norm passes on) to vary across the images of a batch. The head is not part of the model; its
-   weights live in the trainer state.
+3. Vision: the core grows by two layers on top (LLaMA-Pro's block expansion, identity at the start), and the part of
+   it that encodes prompts for the diffusion model is frozen (the embeddings and every layer of the language-stage
+   core but its last: CogView4 reads GLM's second-to-last hidden states; `text_encoder_layers` keeps pointing the
+   encoder there); the ViT, the adapter, the visual experts (initialised as copies of the language expert, as CogVLM
+   does), the language-stage core's last layer, the two new layers and the output head learn to answer about the
+   image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese.
+   The detection head keeps training beside them: through the answer loss alone a from-scratch tower drifts to
+   near-constant features the language model learns to ignore (the same answer for every image). The adapter's output
+   drifts the same way (a constant prefix the language model adapts to, the image a few per cent of it), so a spread
+   term asks each dimension of its RMS-normalised patch embeddings (what the core's input norm passes on) to vary
+   across the images of a batch. The head is not part of the model; its weights live in the trainer state.
 
 Freezing the text-encoder part is what lets the diffusion model use the very same GLM as its frozen text encoder:
 those weights are final after stage 1, so the two models can train side by side, and `text_encoder_fingerprint`
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ from vlm.vit import ViTConfig
 KIND = "vlm"
 STOP_TOKEN = "<|user|>"  # a reply ends where the next user turn would begin (GLM-4 chat)
 TASK_WEIGHTS = {"refer": 0.35, "vqa": 0.35, "caption": 0.15, "grounded_caption": 0.15}
+GROWN_LAYERS = 2  # layers added on top of the language-stage core for the vision stage
 BOX_LOSS_WEIGHT = 5.0  # box L1 is in units of the image side: 0.05 off is a large miss at this scale
 MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
 
@@ -61,20 +64,21 @@ def is_language_parameter(name: str) -> bool:
     return not (name.startswith(("vision.", "adapter.")) or ".vision_" in name)
 
 
-def is_text_encoder_parameter(name: str, num_layers: int) -> bool:
-    """What the diffusion text encoder runs: the embeddings and the language path of every layer but the last."""
+def is_text_encoder_parameter(name: str, encoder_layers: int) -> bool:
+    """What the diffusion text encoder runs: the embeddings and the language path of its first `encoder_layers`
+    layers."""
     if name.startswith("embed."):
         return True
     if not name.startswith("layers.") or ".vision_" in name:
         return False
-    return int(name.split(".")[1]) < num_layers - 1
+    return int(name.split(".")[1]) < encoder_layers
 
 
 def text_encoder_fingerprint(model: VisionLanguageModel) -> str:
     """A hash of the weights the text encoder uses: the VLM and the diffusion model must agree on it."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if is_text_encoder_parameter(name, model.config.num_layers):
+        if is_text_encoder_parameter(name, model.config.encoder_layers):
             digest.update(name.encode())
             digest.update(tensor.detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -161,6 +165,30 @@ def _area(box: tuple[int, int, int, int]) -> int:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
+def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[VisionLanguageModel, VLMConfig]:
+    """A copy of `model` with `count` more layers on top, each a copy of its last layer with the attention and MLP
+    output projections (both experts) at zero: the residual stream passes through unchanged. The text encoder keeps
+    reading the layer it read before."""
+    text = replace(config.text, num_layers=config.text.num_layers + count,
+                   text_encoder_layers=config.text.encoder_layers)
+    grown_config = replace(config, text=text)
+    grown = VisionLanguageModel(grown_config)
+    state = model.state_dict()
+    last = config.text.num_layers - 1
+    for index in range(config.text.num_layers, text.num_layers):
+        prefix, source = f"layers.{index}.", f"layers.{last}."
+        state.update({prefix + name[len(source):]: tensor.clone() for name, tensor in model.state_dict().items()
+                      if name.startswith(source)})
+    grown.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for layer in grown.layers[config.text.num_layers:]:
+            for projection in (layer.attn.dense, layer.attn.vision_dense, layer.mlp.down, layer.vision_mlp.down):
+                projection.weight.zero_()
+                if projection.bias is not None:
+                    projection.bias.zero_()
+    return grown, grown_config
+
+
 def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> the processor's normalisation (multimodal.image.to_tensor)."""
     mean = torch.tensor(config.vision.mean).view(1, 3, 1, 1)
@@ -220,13 +248,20 @@ def train_vlm(
 
     train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head)
 
-    # Stage 3: freeze the text encoder's part of the core; the vision expert starts as a copy of the language one.
+    # Stage 3: the core grows by GROWN_LAYERS layers (LLaMA-Pro's block expansion: copies of its last layer whose
+    # output projections start at zero, so the grown model computes what the old one did), and the text encoder's
+    # part (embeddings and every original layer but the last) is frozen. With only the last layer free, text tokens
+    # could not first read the question and then look up its object among the image tokens. The vision expert of
+    # every layer starts as a copy of its language expert, as CogVLM does. (a resumed run overwrites all of this)
+    model, config = grow(model, config, GROWN_LAYERS)
     for layer in model.layers:
         layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
         layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
         layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
+    encoder_layers = config.text.encoder_layers
     for name, param in model.named_parameters():
-        param.requires_grad_(not is_text_encoder_parameter(name, config.text.num_layers))
+        param.requires_grad_(not is_text_encoder_parameter(name, encoder_layers))
+    meta = {**config.to_dict(), "seed": seed}
     fingerprint = text_encoder_fingerprint(model)
     vision = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
