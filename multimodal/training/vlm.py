@@ -11,11 +11,12 @@
    encoder there); the ViT, the adapter, the visual experts (initialised as copies of the language expert, as CogVLM
    does), the language-stage core's last layer, the two new layers and the output head learn to answer about the
    image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese.
-   The detection head keeps training beside them: through the answer loss alone a from-scratch tower drifts to
-   near-constant features the language model learns to ignore (the same answer for every image). The adapter's output
-   drifts the same way (a constant prefix the language model adapts to, the image a few per cent of it), so a spread
-   term asks each dimension of its RMS-normalised patch embeddings (what the core's input norm passes on) to vary
-   across the images of a batch. The head is not part of the model; its weights live in the trainer state.
+   The detection head keeps training beside them, and a second one reads the adapter's image tokens (a 4x4 grid):
+   through the answer loss alone a from-scratch tower drifts to near-constant features the language model learns to
+   ignore (the same answer for every image). The adapter's output drifts the same way (a constant prefix the language
+   model adapts to, the image a few per cent of it), so a spread term asks each dimension of its RMS-normalised patch
+   embeddings (what the core's input norm passes on) to vary across the images of a batch. The head is not part of
+   the model; its weights live in the trainer state.
 
 Freezing the text-encoder part is what lets the diffusion model use the very same GLM as its frozen text encoder:
 those weights are final after stage 1, so the two models can train side by side, and `text_encoder_fingerprint`
@@ -263,7 +264,9 @@ def train_vlm(
         param.requires_grad_(not is_text_encoder_parameter(name, encoder_layers))
     meta = {**config.to_dict(), "seed": seed}
     fingerprint = text_encoder_fingerprint(model)
-    vision = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    # A second head reads the adapter's image tokens, so that each token the core sees names its object and box.
+    heads = nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size)})
+    vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
 
@@ -280,9 +283,11 @@ def train_vlm(
         logits = model(inputs.input_ids, image_embeds=image_embeds,
                        image_start=inputs.image_start, positions=inputs.positions,
                        attention_mask=inputs.attention_mask)
-        detection = head.loss(features, [pool.scene(s) for s in seeds])
-        return answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(image_embeds[:, 1:-1])
+        scenes = [pool.scene(s) for s in seeds]
+        patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
+        detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
+        return answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
 
-    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=head)
+    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=heads)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
     return run.model_dir
