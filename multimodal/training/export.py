@@ -18,7 +18,7 @@ from pathlib import Path
 from diffusion.pipeline import RelayConfig, save_dit, save_relay_pipeline
 from multimodal.checkpoint import NATIVE_WEIGHTS, load_into, read_native_config, read_state_dict
 from multimodal.training.diffusion import KIND as DIFFUSION_KIND
-from multimodal.training.diffusion import Stages
+from multimodal.training.diffusion import RELAY_SAMPLING, Stages
 from multimodal.training.vlm import text_encoder_fingerprint
 from vlm.convert import load_vlm, save_vlm
 
@@ -35,7 +35,8 @@ def export_suite(vlm_run: Path, diffusion_run: Path, judge_run: Path, tokenizer:
     save_vlm(vlm, out_dir / "vlm")
     encoder = {"checkpoint": "../vlm", "tokenizer": "../tokenizer.json", "format": "vlm",
                "text_encoder_fingerprint": meta["text_encoder_fingerprint"]}
-    save_relay_pipeline(out_dir / "diffusion", stages.base, stages.relay, RelayConfig.from_dict(meta["relay"]), encoder)
+    relay_config = RelayConfig.from_dict(meta["relay"] | RELAY_SAMPLING)
+    save_relay_pipeline(out_dir / "diffusion", stages.base, stages.relay, relay_config, encoder)
     save_dit(stages.single, out_dir / "diffusion" / "single")
     if (out_dir / "judge").exists():
         shutil.rmtree(out_dir / "judge")
