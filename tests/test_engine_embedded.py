@@ -1,8 +1,9 @@
-"""The embedded models end to end through the engine: known answers on held-out EmojiScenes scenes.
+"""The embedded models end to end through the engine, on held-out EmojiScenes test scenes.
 
 Skipped in an installation without the embedded models (they are trained by `multimodal train` and shipped in
-multimodal/assets/). The bars here are looser than the measured ones in the README: these are smoke checks of the
-whole path (load -> ask -> parse boxes -> pixels), not the evaluation (`multimodal eval`).
+multimodal/assets/). Each understanding measure runs on a slice of the test split (`multimodal eval` runs the whole
+of it) against a floor some points below the value measured in the README, so a regression of the shipped weights
+or of any code on their path (processor, routing, decoding, box parsing, quantization) fails here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from multimodal.engine import EMBEDDED_DIR, VLM_FOLDER, Engine, Sampling
-from multimodal.world import make_scene, referring_expression, render, split_seeds
+from multimodal.evaluation import evaluate_understanding
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / VLM_FOLDER / "config.json").exists(),
                                 reason="the embedded models are not in this installation")
@@ -23,25 +24,31 @@ def engine() -> Engine:
     return Engine.load()
 
 
-def iou(a, b) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+SLICE = 48  # test items per measure: a few seconds each on one CPU thread
+# Measured on this slice: ground 0.146, caption 0.656, VQA 0.583 (INT8 on half of it: caption 0.591, VQA 0.583).
+# A VLM that ignores the image scores about 0.08, 0.03 and 0.37 (the table before these weights).
+FLOORS = {"ground": 0.10, "caption": 0.50, "vqa": 0.45}
 
 
-def test_grounding_finds_the_object_asked_about(engine):
-    hits = total = 0
-    for seed in split_seeds("test", 8):
-        scene = make_scene(seed)
-        image = render(scene)
-        for index in scene.entities:
-            answer = engine.ground(image, f"Where is {referring_expression(scene, index, 'en')}?",
-                                   Sampling(max_new_tokens=24))
-            total += 1
-            hits += bool(answer.boxes) and iou(answer.boxes[0][1], scene.objects[index].box) >= 0.5
-    assert hits / total >= 0.7, f"{hits} of {total} boxes overlap the object"
+def _answer_with(engine: Engine):
+    def answer(images, questions, max_new_tokens):
+        requests = [[("user", q)] for q in questions]
+        return engine.chat_model.answer_batch(images, requests, Sampling(max_new_tokens=max_new_tokens))
+
+    return answer
+
+
+@pytest.mark.parametrize("kind", ["ground", "caption", "vqa"])
+def test_understanding_on_a_test_slice_stays_above_its_floor(engine, kind):
+    result = evaluate_understanding(kind, _answer_with(engine), SLICE)
+    assert result.value >= FLOORS[kind], result.line()
+
+
+def test_int8_answers_stay_above_the_floors():
+    int8 = Engine.load(quant="int8")
+    for kind in ("caption", "vqa"):
+        result = evaluate_understanding(kind, _answer_with(int8), SLICE // 2)
+        assert result.value >= FLOORS[kind] - 0.05, result.line()
 
 
 def test_drawing_a_dog_with_a_hat_gives_both_stages(engine):

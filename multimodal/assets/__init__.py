@@ -2,7 +2,8 @@
 
 A suite folder (written by `multimodal train export`): `tokenizer.json` (byte-level BPE with GLM's special tokens),
 `vlm/`, `diffusion/` (the relay pipeline, with the single-stage baseline in `diffusion/single/`) and `judge/`.
-Model folders ship only once they meet the measured table in the README; until then only the tokenizer does.
+A new copy of the weights ships only when it beats the measured table in the README (every copy stays in git
+history).
 OpenMoji-derived: CC BY-SA 4.0, see `multimodal.world.ATTRIBUTION`.
 """
 
