@@ -84,6 +84,17 @@ def caption_f1(predicted: set[str], expected: set[str]) -> float:
 Answer = Callable[[list[Image.Image], list[str], int], list[str]]  # (images, questions, max_new_tokens) -> answers
 
 
+def answer_with(chat_model) -> Answer:
+    """An `Answer` from a `vlm.chat.VLMChat`: greedy replies to single-turn questions, one padded batch."""
+    from multimodal.engine import Sampling
+
+    def answer(images, questions, max_new_tokens):
+        turns = [[("user", question)] for question in questions]
+        return chat_model.answer_batch(images, turns, Sampling(max_new_tokens=max_new_tokens))
+
+    return answer
+
+
 def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32) -> Result:
     """ground, caption or vqa with `answer` answering a batch of questions about images."""
     task_kind = {"ground": "refer", "caption": "caption", "vqa": "vqa"}[kind]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multimodal.engine import EMBEDDED_DIR, VLM_FOLDER, Engine, Sampling
-from multimodal.evaluation import evaluate_understanding
+from multimodal.engine import EMBEDDED_DIR, VLM_FOLDER, Engine
+from multimodal.evaluation import answer_with, evaluate_understanding
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / VLM_FOLDER / "config.json").exists(),
                                 reason="the embedded models are not in this installation")
@@ -30,24 +30,16 @@ SLICE = 48  # test items per measure: a few seconds each on one CPU thread
 FLOORS = {"ground": 0.15, "caption": 0.65, "vqa": 0.38}
 
 
-def _answer_with(engine: Engine):
-    def answer(images, questions, max_new_tokens):
-        requests = [[("user", q)] for q in questions]
-        return engine.chat_model.answer_batch(images, requests, Sampling(max_new_tokens=max_new_tokens))
-
-    return answer
-
-
 @pytest.mark.parametrize("kind", ["ground", "caption", "vqa"])
 def test_understanding_on_a_test_slice_stays_above_its_floor(engine, kind):
-    result = evaluate_understanding(kind, _answer_with(engine), SLICE)
+    result = evaluate_understanding(kind, answer_with(engine.chat_model), SLICE)
     assert result.value >= FLOORS[kind], result.line()
 
 
 def test_int8_answers_stay_above_the_floors():
     int8 = Engine.load(quant="int8")
     for kind in ("caption", "vqa"):
-        result = evaluate_understanding(kind, _answer_with(int8), SLICE // 2)
+        result = evaluate_understanding(kind, answer_with(int8.chat_model), SLICE // 2)
         assert result.value >= FLOORS[kind] - 0.05, result.line()
 
 

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from multimodal.engine import Engine
-    from multimodal.evaluation import evaluate_draw, evaluate_understanding
+    from multimodal.evaluation import answer_with, evaluate_draw, evaluate_understanding
 
     engine = Engine.from_args(args)
     count = args.count or (64 if args.task == "draw" else 200)
@@ -40,15 +40,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge), count,
                                seed=args.seed)
     else:
-        chat = engine.chat_model
-
-        def answer(images, questions, max_new_tokens):
-            from multimodal.engine import Sampling
-
-            sampling = Sampling(max_new_tokens=max_new_tokens)
-            return chat.answer_batch(images, [[("user", q)] for q in questions], sampling)
-
-        result = evaluate_understanding(args.task, answer, count)
+        result = evaluate_understanding(args.task, answer_with(engine.chat_model), count)
     print(result.line() + (f" [{args.quant}]" if args.quant != "none" else ""))
     if args.json:
         record = {"task": result.task, "measure": result.measure, "value": result.value, "count": result.count,

@@ -30,6 +30,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,17 +154,29 @@ def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
     classes = torch.zeros(len(scenes), grid * grid, dtype=torch.long)
     boxes = torch.zeros(len(scenes), grid * grid, 4)
     for row, scene in enumerate(scenes):
-        order = sorted(range(len(scene.objects)), key=lambda i: _area(scene.box_per_mille(i)))  # large ones last
-        for index in order:
-            x0, y0, x1, y1 = scene.box_per_mille(index)
+        placed = [(scene.box_per_mille(i), obj.name) for i, obj in enumerate(scene.objects)]
+        for (x0, y0, x1, y1), name in sorted(placed, key=lambda p: (p[0][2] - p[0][0]) * (p[0][3] - p[0][1])):
+            # large ones last, so they win a shared patch
             cell = min(grid - 1, (y0 + y1) * grid // 2000) * grid + min(grid - 1, (x0 + x1) * grid // 2000)
-            classes[row, cell] = 1 + names.index(scene.objects[index].name)
+            classes[row, cell] = 1 + names.index(name)
             boxes[row, cell] = torch.tensor([x0, y0, x1, y1]) / 1000
     return classes, boxes
 
 
-def _area(box: tuple[int, int, int, int]) -> int:
-    return (box[2] - box[0]) * (box[3] - box[1])
+def object_patch_accuracy(model: VisionLanguageModel, head: PatchDetectionHead, count: int = 128) -> float:
+    """On `count` val scenes: the fraction of patches holding an object's centre that the head names right."""
+    from multimodal.training.loop import scene_image
+    from multimodal.world import make_scene, split_seeds
+
+    scenes = [make_scene(seed) for seed in split_seeds("val", count)]
+    size = model.vlm_config.vision.image_size
+    arrays = [torch.from_numpy(np.asarray(scene_image(scene, size)).copy()) for scene in scenes]
+    pixels = _normalize(torch.stack(arrays).permute(0, 3, 1, 2), model.vlm_config)  # [B, 3, S, S]
+    with torch.no_grad():
+        features = model.vision(pixels)  # [B, g*g, W]
+        classes, _ = patch_targets(scenes, round(features.shape[1] ** 0.5))
+        centred = classes > 0
+        return (head.classes(features).argmax(-1)[centred] == classes[centred]).float().mean().item()
 
 
 def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[VisionLanguageModel, VLMConfig]:
@@ -175,11 +188,10 @@ def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[Vis
     grown_config = replace(config, text=text)
     grown = VisionLanguageModel(grown_config)
     state = model.state_dict()
-    last = config.text.num_layers - 1
+    source = f"layers.{config.text.num_layers - 1}."
+    last_layer = {name[len(source):]: tensor for name, tensor in state.items() if name.startswith(source)}
     for index in range(config.text.num_layers, text.num_layers):
-        prefix, source = f"layers.{index}.", f"layers.{last}."
-        state.update({prefix + name[len(source):]: tensor.clone() for name, tensor in model.state_dict().items()
-                      if name.startswith(source)})
+        state.update({f"layers.{index}.{name}": tensor.clone() for name, tensor in last_layer.items()})
     grown.load_state_dict(state, strict=True)
     with torch.no_grad():
         for layer in grown.layers[config.text.num_layers:]:
@@ -247,7 +259,11 @@ def train_vlm(
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
         return head.loss(model.vision(pixels), [pool.scene(s) for s in seeds])
 
-    train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head)
+    def tower_evaluate() -> str:
+        return f"val object-patch accuracy {object_patch_accuracy(model, head):.3f}"
+
+    train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head,
+          evaluate=tower_evaluate, evaluate_every=500)
 
     # Stage 3: the core grows by GROWN_LAYERS layers (LLaMA-Pro's block expansion: copies of its last layer whose
     # output projections start at zero, so the grown model computes what the old one did), and the text encoder's
@@ -274,7 +290,8 @@ def train_vlm(
         rng = random.Random(f"vlm-vision-{seed}-{step}")
         kind = sample_kind(rng)
         seeds = pool.batch_seeds(rng, batch_size)
-        tasks = [sample_task(pool.scene(s), kind, rng) for s in seeds]
+        scenes = [pool.scene(s) for s in seeds]
+        tasks = [sample_task(scene, kind, rng) for scene in scenes]
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
         inputs = processor.layout(rows, config.image_tokens, pixels)
@@ -283,7 +300,6 @@ def train_vlm(
         logits = model(inputs.input_ids, image_embeds=image_embeds,
                        image_start=inputs.image_start, positions=inputs.positions,
                        attention_mask=inputs.attention_mask)
-        scenes = [pool.scene(s) for s in seeds]
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
         detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
         return answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
