@@ -28,6 +28,11 @@ def scene_image(scene: Scene, size: int) -> Image.Image:
     return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
 
 
+def scene_pixels(scene: Scene, size: int) -> torch.Tensor:
+    """[3, S, S] uint8: `scene_image` as a tensor."""
+    return torch.from_numpy(np.asarray(scene_image(scene, size)).copy()).permute(2, 0, 1)
+
+
 class TrainScenes:
     """The first `count` scenes of the train split, rendered lazily at `image_size` and kept as uint8 tensors.
 
@@ -50,8 +55,7 @@ class TrainScenes:
     def pixels(self, seed: int) -> torch.Tensor:
         """[3, S, S] uint8."""
         if seed not in self._pixels:
-            array = np.asarray(scene_image(self.scene(seed), self.image_size))
-            self._pixels[seed] = torch.from_numpy(array.copy()).permute(2, 0, 1)
+            self._pixels[seed] = scene_pixels(self.scene(seed), self.image_size)
         return self._pixels[seed]
 
     def batch_seeds(self, rng: random.Random, batch_size: int) -> list[int]:

@@ -30,7 +30,6 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,13 +164,12 @@ def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
 
 def object_patch_accuracy(model: VisionLanguageModel, head: PatchDetectionHead, count: int = 128) -> float:
     """On `count` val scenes: the fraction of patches holding an object's centre that the head names right."""
-    from multimodal.training.loop import scene_image
+    from multimodal.training.loop import scene_pixels
     from multimodal.world import make_scene, split_seeds
 
     scenes = [make_scene(seed) for seed in split_seeds("val", count)]
     size = model.vlm_config.vision.image_size
-    arrays = [torch.from_numpy(np.asarray(scene_image(scene, size)).copy()) for scene in scenes]
-    pixels = _normalize(torch.stack(arrays).permute(0, 3, 1, 2), model.vlm_config)  # [B, 3, S, S]
+    pixels = _normalize(torch.stack([scene_pixels(scene, size) for scene in scenes]), model.vlm_config)  # [B, 3, S, S]
     with torch.no_grad():
         features = model.vision(pixels)  # [B, g*g, W]
         classes, _ = patch_targets(scenes, round(features.shape[1] ** 0.5))
