@@ -74,9 +74,10 @@ def test_single_stage_steps_match_relay_compute():
     from diffusion.denoiser import DiT
     from diffusion.pipeline import RelayConfig, RelayPipeline
     from multimodal.evaluation import equal_compute_steps
-    from multimodal.training.diffusion import world_dit_config
+    from multimodal.training.diffusion import stage_configs
 
-    base, relay, single = DiT(world_dit_config(32, 4)), DiT(world_dit_config(32, 8)), DiT(world_dit_config(32, 8))
+    configs = stage_configs(32)
+    base, relay, single = DiT(configs["base"]), DiT(configs["relay"]), DiT(configs["single"])
     pipeline = RelayPipeline(None, base, relay, RelayConfig(base_steps=10, relay_steps=5))
     steps = equal_compute_steps(pipeline, single, text_len=16)
     relay_flops = pipeline.flops(64, 64, 16, 10, 5)

@@ -28,9 +28,11 @@ class Interrupted(Exception):
     pass
 
 
-def _fit(run_dir, total: int, interrupt_at: int | None = None) -> dict:
+def _fit(run_dir, total: int, interrupt_at: int | None = None, ema_decay: float | None = None,
+         history: list | None = None) -> dict:
     """Train a small regression for `total` steps; with `interrupt_at`, the process "dies" at that step and a
-    fresh process (new model, new optimizer) resumes from the run folder."""
+    fresh process (new model, new optimizer) resumes from the run folder. `history` collects the weights after
+    every step."""
     target = torch.nn.Linear(5, 1)
     torch.nn.init.constant_(target.weight, 0.3)
     torch.nn.init.constant_(target.bias, -0.2)
@@ -43,11 +45,15 @@ def _fit(run_dir, total: int, interrupt_at: int | None = None) -> dict:
         def step_loss(step: int) -> torch.Tensor:
             if step == die_at:
                 raise Interrupted
+            if history is not None and step > len(history):  # the weights after the previous step
+                history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             x = torch.randn(16, 5, generator=torch.Generator().manual_seed(100 + step))
             return ((model(x) - target(x).detach()) ** 2).mean()
 
         train(Run(run_dir, "test", {}), model, optimizer, Schedule(total, 1e-2, warmup=3), step_loss, save_every=2,
-              log_every=1000)
+              log_every=1000, ema_decay=ema_decay)
+        if history is not None:
+            history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
     if interrupt_at is not None:
@@ -63,6 +69,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def test_moving_average_is_the_obvious_one_and_survives_a_resume(tmp_path):
+    from multimodal.checkpoint import NATIVE_WEIGHTS, read_state_dict
+
+    history = []
+    _fit(tmp_path / "straight", 9, ema_decay=0.8, history=history)
+    assert len(history) == 9
+    initial = _initial_weights()  # the average starts as the model; step 0's decay is min(0.8, 1 / 10)
+    expected = {k: 0.1 * initial[k].double() + 0.9 * history[0][k].double() for k in initial}
+    for step, weights in enumerate(history[1:], start=1):
+        decay = min(0.8, (1 + step) / (10 + step))
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k].double() for k in expected}
+    straight = read_state_dict(tmp_path / "straight" / "ema" / NATIVE_WEIGHTS)
+    for key in expected:
+        torch.testing.assert_close(straight[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+
+    _fit(tmp_path / "resumed", 9, interrupt_at=4, ema_decay=0.8)
+    resumed = read_state_dict(tmp_path / "resumed" / "ema" / NATIVE_WEIGHTS)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+def _initial_weights() -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

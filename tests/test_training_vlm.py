@@ -1,5 +1,6 @@
 """The VLM's two-stage training: the text encoder's weights stay exactly those of the language stage, the rest
-learns, and the diffusion export refuses a VLM whose text encoder differs; the auxiliary vision losses."""
+learns, and the diffusion export ships the run's moving average and refuses a VLM whose text encoder differs; the
+auxiliary vision losses."""
 
 from __future__ import annotations
 
@@ -101,3 +102,38 @@ def test_the_detection_heads_live_in_the_trainer_state_not_the_model(tmp_path):
     heads = torch.nn.ModuleDict({"tower": tower, "tokens": PatchDetectionHead(model.config.hidden_size)})
     heads.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True)["extra"])
     assert not any(".classes." in name or name.startswith("classes") for name in model.state_dict())
+
+
+def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encoder(tmp_path):
+    import shutil
+
+    import pytest
+
+    from diffusion.pipeline import load_relay_pipeline
+    from multimodal.checkpoint import NATIVE_WEIGHTS, read_state_dict
+    from multimodal.training.diffusion import train_diffusion
+    from multimodal.training.export import export_suite
+    from multimodal.training.judge import train_judge
+
+    torch.set_num_threads(1)
+    tokenizer = load_world_tokenizer()
+    runs = tmp_path / "runs"
+    train_vlm(runs / "vlm", tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    train_diffusion(runs / "diffusion", tokenizer, runs / "vlm", steps=3, batch_size=2, scenes=4)
+    train_judge(runs / "judge", tokenizer, steps=1, batch_size=2, scenes=4)
+    tokenizer_file = tokenizer.save(tmp_path / "tokenizer.json")
+
+    suite = export_suite(runs / "vlm", runs / "diffusion", runs / "judge", tokenizer_file, tmp_path / "suite")
+    pipeline = load_relay_pipeline(suite / "diffusion")
+    averaged = read_state_dict(runs / "diffusion" / "ema" / NATIVE_WEIGHTS)
+    last = read_state_dict(runs / "diffusion" / "model" / NATIVE_WEIGHTS)
+    name = "proj_out.weight"
+    torch.testing.assert_close(pipeline.base.state_dict()[name], averaged[f"base.{name}"], rtol=0, atol=0)
+    assert not torch.equal(averaged[f"base.{name}"], last[f"base.{name}"])
+    image = pipeline("a dog with a hat", seed=0, num_inference_steps=2, relay_steps=2).images[0]
+    assert image.size == (64, 64)
+
+    shutil.rmtree(runs / "vlm")  # a VLM trained from another seed has another text encoder
+    train_vlm(runs / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    with pytest.raises(ValueError, match="another text encoder"):
+        export_suite(runs / "vlm", runs / "diffusion", runs / "judge", tokenizer_file, tmp_path / "suite2")

@@ -8,6 +8,7 @@
     judge/                  the judge (kind "judge")
 
 The diffusion run must have been trained on the very text encoder the VLM ships with: their fingerprints must agree.
+Its denoisers are exported from the run's moving average of weights (`ema/`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from vlm.convert import load_vlm, save_vlm
 def export_suite(vlm_run: Path, diffusion_run: Path, judge_run: Path, tokenizer: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     vlm = load_vlm(vlm_run / "model")
-    meta = read_native_config(diffusion_run / "model", DIFFUSION_KIND)
+    meta = read_native_config(diffusion_run / "ema", DIFFUSION_KIND)
     if meta["text_encoder_fingerprint"] != text_encoder_fingerprint(vlm):
         raise ValueError(
             f"The diffusion run in {diffusion_run} was trained on another text encoder than the VLM in {vlm_run} has."
         )
-    stages = load_into(Stages(meta["text_dim"]), read_state_dict(diffusion_run / "model" / NATIVE_WEIGHTS))
+    stages = load_into(Stages.from_run_config(meta), read_state_dict(diffusion_run / "ema" / NATIVE_WEIGHTS))
     save_vlm(vlm, out_dir / "vlm")
     encoder = {"checkpoint": "../vlm", "tokenizer": "../tokenizer.json", "format": "vlm",
                "text_encoder_fingerprint": meta["text_encoder_fingerprint"]}

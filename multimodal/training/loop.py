@@ -1,12 +1,14 @@
 """What every training loop shares: train-split scenes, checkpoints that resume, a schedule, progress lines.
 
-A run lives in one folder: `model/` (our native format, the weights the commands load), `trainer.pt` (optimizer
-state and step, read back with `weights_only=True`) and `log.txt`. Batches are drawn from an rng seeded by
+A run lives in one folder: `model/` (our native format, the weights the commands load), `ema/` when the run keeps an
+exponential moving average of them, `trainer.pt` (optimizer state and step, read back with `weights_only=True`)
+and `log.txt`. Batches are drawn from an rng seeded by
 (run seed, step), so a resumed run continues exactly where an uninterrupted one would have been.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -84,6 +86,21 @@ class Schedule:
         return self.lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class EMA:
+    """An exponential moving average of a model's weights, with the usual warmup: the decay is
+    min(decay, (1 + step) / (10 + step)), so early averages do not drag the random initialisation along."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.average = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for average, current in zip(self.average.parameters(), model.parameters(), strict=True):
+            average.lerp_(current, 1 - decay)
+
+
 class Run:
     """A run folder: saves and resumes the model, optimizer and step; prints and logs progress."""
 
@@ -98,10 +115,14 @@ class Run:
     def model_dir(self) -> Path:
         return self.out_dir / "model"
 
+    @property
+    def ema_dir(self) -> Path:
+        return self.out_dir / "ema"
+
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               extra: torch.nn.Module | None = None) -> int:
-        """Load the last checkpoint if there is one (and `extra`, a training-only module); return the step to continue
-        from."""
+               extra: torch.nn.Module | None = None, ema: EMA | None = None) -> int:
+        """Load the last checkpoint if there is one (and `extra`, a training-only module, and the average); return
+        the step to continue from."""
         trainer = self.out_dir / "trainer.pt"
         if not trainer.exists():
             return 0
@@ -109,6 +130,9 @@ class Run:
         weights = read_state_dict(self.model_dir / NATIVE_WEIGHTS)
         check_state_dict(model, weights)
         model.load_state_dict(dict(weights), strict=True)
+        if ema is not None:
+            averaged = self.ema_dir / NATIVE_WEIGHTS
+            ema.average.load_state_dict(dict(read_state_dict(averaged)) if averaged.exists() else model.state_dict())
         state = torch.load(trainer, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if extra is not None:
@@ -117,9 +141,12 @@ class Run:
         return int(state["step"])
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-             extra: torch.nn.Module | None = None) -> None:
+             extra: torch.nn.Module | None = None, ema: EMA | None = None) -> None:
         # Write the trainer state last: a run killed mid-save resumes from the previous, complete checkpoint.
         save_native(model.state_dict(), {**self.config, "step": step}, self.model_dir, self.kind)
+        if ema is not None:
+            save_native(ema.average.state_dict(), {**self.config, "step": step, "ema_decay": ema.decay},
+                        self.ema_dir, self.kind)
         tmp = self.out_dir / "trainer.pt.tmp"
         state = {"optimizer": optimizer.state_dict(), "step": step}
         if extra is not None:
@@ -146,11 +173,14 @@ def train(
     evaluate: Callable[[], str] | None = None,
     evaluate_every: int = 1000,
     extra: torch.nn.Module | None = None,
+    ema_decay: float | None = None,
 ) -> int:
     """The loop: `step_loss(step)` builds the batch of that step and returns its loss; stops after `schedule.steps`
     steps or `minutes` of wall time, saving on the way out. `extra` is a training-only module (an auxiliary head)
-    whose weights go into the trainer state, not the model. Returns the step reached."""
-    step = run.resume(model, optimizer, extra)
+    whose weights go into the trainer state, not the model; with `ema_decay` the run also keeps and saves an
+    exponential moving average of the model. Returns the step reached."""
+    ema = None if ema_decay is None else EMA(model, ema_decay)
+    step = run.resume(model, optimizer, extra, ema)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     window_loss, window_start = 0.0, time.monotonic()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -163,6 +193,8 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if ema is not None:
+            ema.update(model, step)
         step += 1
         window_loss += loss.item()
         if step % log_every == 0:
@@ -175,10 +207,10 @@ def train(
             run.log(f"step {step} eval: {evaluate()}")
             model.train()
         if step % save_every == 0:
-            run.save(model, optimizer, step, extra)
+            run.save(model, optimizer, step, extra, ema)
         if deadline is not None and time.monotonic() > deadline:
             run.log(f"time budget of {minutes} minutes reached at step {step}")
             break
-    run.save(model, optimizer, step, extra)
+    run.save(model, optimizer, step, extra, ema)
     model.eval()
     return step
