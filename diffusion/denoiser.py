@@ -5,7 +5,9 @@ hidden states, and returns an image-shaped prediction. Its parts, in the order o
 
 - patch embedding: p x p patches -> one linear layer; the text states get their own linear projection;
 - timestep + condition embedding: sinusoidal features of the timestep and of the SDXL-style size conditions
-  (original size, crop corner, target size), each through a two-layer MLP, summed, then SiLU;
+  (original size, crop corner, target size), each through a two-layer MLP, summed, then SiLU; with `pooled_text`
+  (the embedded models only; CogView4 has none) the masked mean of the text states joins the sum through its own
+  MLP, as SD3's pooled projection does, so that every block's modulation knows what is asked for;
 - blocks: adaLN-zero modulation (12 vectors: shift/scale/gate for attention and MLP, separately for text and image),
   joint attention over [text; image] with LayerNorm on queries and keys and 2D rotary embeddings on the image
   tokens, one GELU MLP shared by both streams;
@@ -41,6 +43,7 @@ class DiTConfig:
     condition_dim: int = 256            # sinusoidal features per size number (6 numbers)
     rope_axes: tuple[int, int] = (256, 256)  # token rows/columns are rescaled onto this many rotary positions
     size_scale: int = 1                 # pixels per input cell, for default size conditions (8 for VAE latents)
+    pooled_text: bool = False           # add the mean text state to the adaLN conditioning vector
 
     @property
     def dim(self) -> int:
@@ -151,6 +154,14 @@ class TimeConditionEmbed(nn.Module):
         return self.timestep(time_features.to(dtype)) + self.condition(size_features.to(dtype))
 
 
+def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, D] states, [B, T] mask (True = a real token) -> [B, D] mean over the real tokens."""
+    if mask is None:
+        return states.mean(dim=1)
+    weights = mask.to(states.dtype)[:, :, None]  # [B, T, 1]
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
 def rotary_tables(config: DiTConfig, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each [rows*cols, head_dim]: the first quarter of frequencies encodes the row, the second the column.
 
@@ -252,6 +263,8 @@ class DiT(nn.Module):
         self.config = config
         self.patch_embed = PatchEmbed(config)
         self.time_embed = TimeConditionEmbed(config)
+        if config.pooled_text:
+            self.pooled_embed = MLP(config.text_dim, config.time_embed_dim, config.time_embed_dim, nn.SiLU())
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.final_adaln = nn.Linear(config.time_embed_dim, 2 * config.dim)
         self.proj_out = nn.Linear(config.dim, config.patch_size**2 * config.out_channels)
@@ -294,8 +307,11 @@ class DiT(nn.Module):
             raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {p}.")
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
         sizes = self.default_sizes(x) if sizes is None else sizes
+        cond = self.time_embed(timestep, sizes, x.dtype)  # [B, time_embed_dim]
+        if self.config.pooled_text:
+            cond = cond + self.pooled_embed(masked_mean(text, text_mask))
+        cond = F.silu(cond)
         image, text = self.patch_embed(x, text)  # [B, N, dim], [B, T, dim]
-        cond = F.silu(self.time_embed(timestep, sizes, image.dtype))  # [B, time_embed_dim]
         rotary = rotary_tables(self.config, h // p, w // p, x.device)
         key_mask = None
         if text_mask is not None:
@@ -317,6 +333,8 @@ class DiT(nn.Module):
         per_block += cfg.time_embed_dim * 12 * cfg.dim  # adaLN modulation (once per image)
         embed = n * cfg.in_channels * cfg.patch_size**2 * cfg.dim + text_len * cfg.text_dim * cfg.dim
         conditioning = (cfg.dim + 6 * cfg.condition_dim + 2 * cfg.time_embed_dim) * cfg.time_embed_dim
+        if cfg.pooled_text:
+            conditioning += (cfg.text_dim + cfg.time_embed_dim) * cfg.time_embed_dim
         head = cfg.time_embed_dim * 2 * cfg.dim + n * cfg.dim * cfg.patch_size**2 * cfg.out_channels
         return 2 * (cfg.num_layers * per_block + embed + conditioning + head)
 

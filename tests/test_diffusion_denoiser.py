@@ -1,5 +1,5 @@
 """The DiT against diffusers' CogView4Transformer2DModel with the same random weights, the strict key table, and
-text padding that is masked out."""
+text padding that is masked out (from attention and from the pooled text conditioning)."""
 
 import pytest
 import torch
@@ -66,9 +66,10 @@ def test_key_table_is_strict(pair):
         convert(state, DIFFUSERS_KEYS)
 
 
-def test_masked_text_padding_changes_nothing():
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_masked_text_padding_changes_nothing(pooled_text):
     torch.manual_seed(2)
-    model = DiT(dit_config("tiny")).eval()
+    model = DiT(dit_config("tiny", pooled_text=pooled_text)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -81,6 +82,11 @@ def test_masked_text_padding_changes_nothing():
         unmasked = model(x, torch.tensor([10.0]), padded)
     torch.testing.assert_close(masked, plain, atol=1e-5, rtol=1e-5)
     assert (unmasked - plain).abs().max() > 1e-3
+    if pooled_text:  # the pooled path is live: without it the same weights give another output
+        with torch.no_grad():
+            model.pooled_embed.linear_2.weight.zero_()
+            model.pooled_embed.linear_2.bias.zero_()
+            assert (model(x, torch.tensor([10.0]), text) - plain).abs().max() > 1e-3
 
 
 def test_patchify_round_trip_and_fresh_model_is_adaln_zero():
@@ -93,7 +99,8 @@ def test_patchify_round_trip_and_fresh_model_is_adaln_zero():
         model(torch.randn(1, 3, 7, 8), torch.tensor([1.0]), torch.randn(1, 2, 16))
 
 
-def test_flop_count_matches_torch_flop_counter(monkeypatch):
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_flop_count_matches_torch_flop_counter(monkeypatch, pooled_text):
     from torch.utils.flop_counter import FlopCounterMode
 
     def explicit_attention(q, k, v, attn_mask=None):  # matmuls the counter can see (it does not count CPU SDPA)
@@ -103,7 +110,7 @@ def test_flop_count_matches_torch_flop_counter(monkeypatch):
         return scores.softmax(dim=-1) @ v
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
-    model = DiT(dit_config("tiny", patch_size=2, num_layers=3))
+    model = DiT(dit_config("tiny", patch_size=2, num_layers=3, pooled_text=pooled_text))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 8, 12), torch.tensor([3.0]), torch.randn(1, 5, 16))
     assert model.flops_per_forward(8, 12, 5) == counter.get_total_flops()

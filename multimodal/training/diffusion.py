@@ -43,14 +43,16 @@ RELAY_SAMPLING = {"relay_start_sigma": 0.3, "s_noise": 0.0}
 
 EMA_DECAY = 0.999
 # (patch size, heads of 32, layers) per stage; 64 image tokens each: 32x32 with patch 4, or 64x64 with patch 8. The
-# base stage decides what is drawn, so it gets most of the width and depth; the relay and its single-stage
-# baseline share one shape so that the relay claim compares methods, not networks.
-STAGE_SHAPES = {"base": (4, 6, 6), "relay": (8, 3, 3), "single": (8, 3, 3)}
+# base stage decides what is drawn, so it gets the depth. Every stage is as wide as its patch has numbers (8x8x3 =
+# 192): a narrower token cannot express, so cannot remove, an arbitrary patch of noise. The relay and its
+# single-stage baseline share one shape so that the relay claim compares methods, not networks.
+STAGE_SHAPES = {"base": (4, 6, 6), "relay": (8, 6, 3), "single": (8, 6, 3)}
 
 
 def world_dit_config(text_dim: int, patch_size: int, num_heads: int = 3, num_layers: int = 3) -> DiTConfig:
     return DiTConfig(patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
-                     num_heads=num_heads, head_dim=32, text_dim=text_dim, time_embed_dim=128, condition_dim=16)
+                     num_heads=num_heads, head_dim=32, text_dim=text_dim, time_embed_dim=128, condition_dim=16,
+                     pooled_text=True)
 
 
 def stage_configs(text_dim: int) -> dict[str, DiTConfig]:
@@ -62,6 +64,7 @@ class Stages(nn.Module):
 
     def __init__(self, configs: dict[str, DiTConfig]):
         super().__init__()
+        self.configs = configs
         self.base = DiT(configs["base"])
         self.relay = DiT(configs["relay"])
         self.single = DiT(configs["single"])
@@ -88,7 +91,11 @@ def train_diffusion(
     for param in vlm.parameters():
         param.requires_grad_(False)
     encoder = GLMTextEncoder.from_tokenizer(vlm, tokenizer)
-    configs = stage_configs(vlm.config.hidden_size)
+    started = Path(out_dir) / "model"
+    if (started / "config.json").exists():  # a run resumes with the shapes it started with
+        configs = Stages.from_run_config(read_native_config(started, KIND)).configs
+    else:
+        configs = stage_configs(vlm.config.hidden_size)
     stages = Stages(configs)
     relay_config = RelayConfig()
     optimizer = torch.optim.AdamW(stages.parameters(), lr=lr, weight_decay=0.01)
