@@ -65,15 +65,6 @@ class DiTConfig:
 PRESETS: dict[str, DiTConfig] = {
     # THUDM's CogView4-6B transformer (16-channel latents of an f=8 VAE, GLM-4-9B text states).
     "cogview4-6b": DiTConfig(num_layers=28, num_heads=32, head_dim=128, size_scale=8),
-    # The embedded pixel-space models: the base stage at 32x32, the relay stage at 64x64 (256 tokens each).
-    "emoji-base": DiTConfig(
-        patch_size=2, in_channels=3, out_channels=3, num_layers=6, num_heads=6, head_dim=32,
-        text_dim=256, time_embed_dim=256, condition_dim=32,
-    ),
-    "emoji-relay": DiTConfig(
-        patch_size=4, in_channels=3, out_channels=3, num_layers=6, num_heads=6, head_dim=32,
-        text_dim=256, time_embed_dim=256, condition_dim=32,
-    ),
     # Tests.
     "tiny": DiTConfig(
         patch_size=2, in_channels=3, out_channels=3, num_layers=2, num_heads=2, head_dim=8,

@@ -4,7 +4,7 @@ Both rows draw the same prompts at the same final size with the same base DiT: "
 resolution for --steps Heun steps; "base + relay" runs it at 1/up_scale of the size, then the relay DiT for
 --relay-steps steps at full size. FLOPs are counted analytically from the DiT shapes (`DiT.flops_per_forward`,
 guidance's two passes, Heun's 2N - 1 evaluations); time is one measured run after a one-step warm-up. Without
---checkpoint the embedded presets are used with random weights (speed does not depend on the values).
+--checkpoint it measures the shipped pipeline (multimodal/assets/diffusion) with its text encoder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("draw", help="text-to-image images/s and FLOPs: base only vs base + relay")
-    parser.add_argument("--checkpoint", default=None, help="pipeline folder (default: random embedded presets)")
+    parser.add_argument("--checkpoint", default=None, help="pipeline folder (default: the shipped one)")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=18, help="base-stage Heun steps")
@@ -30,30 +30,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def random_pipeline(device: str, dtype: torch.dtype, seed: int):
-    """The embedded shapes (emoji-base / emoji-relay DiTs, a tiny GLM encoder) with random weights."""
-    from diffusion.denoiser import DiT, dit_config
-    from diffusion.pipeline import RelayConfig, RelayPipeline
-    from diffusion.text_encoder import GLMTextEncoder
-    from glm.model import GLMConfig, GLMModel
-
-    torch.manual_seed(seed)
-    glm = GLMModel(GLMConfig.from_preset("tiny")).init_weights(generator=torch.Generator().manual_seed(seed))
-    encoder = GLMTextEncoder(glm.to(device, dtype), lambda text: [3 + b % 300 for b in text.encode()], pad_id=0)
-    base = DiT(dit_config("emoji-base", text_dim=glm.config.hidden_size)).to(device, dtype)
-    relay = DiT(dit_config("emoji-relay", text_dim=glm.config.hidden_size)).to(device, dtype)
-    return RelayPipeline(encoder, base, relay, RelayConfig())
-
-
 def run(args: argparse.Namespace) -> int:
     from diffusion.pipeline import load_relay_pipeline
+    from multimodal.assets import asset_path
 
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    if args.checkpoint:
-        pipe = load_relay_pipeline(args.checkpoint, device=args.device, dtype=dtype)
-    else:
-        pipe = random_pipeline(args.device, dtype, args.seed)
+    checkpoint = args.checkpoint or asset_path("diffusion")
+    pipe = load_relay_pipeline(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
     prompts = ["a dog with a hat"] * args.batch
     text_len = pipe.text_encoder(prompts[:1])[0].shape[1]
     size = dict(height=args.height, width=args.width)
