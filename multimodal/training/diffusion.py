@@ -35,9 +35,9 @@ from vlm.convert import load_vlm
 
 KIND = "diffusion-training"
 PROMPT_DROPOUT = 0.1
-# How the exported pipeline samples its relay stage. The relay DiT turns each 96-wide token into an 8x8x3 patch, too
-# narrow to remove pixel noise, so the relay starts closer to the base image (sigma 0.3, not RDM's 0.9) and adds no
-# fresh noise on the way; its training does not depend on these.
+# How the exported pipeline samples its relay stage: from close to the base image (sigma 0.3, not RDM's 0.9) and
+# with no fresh noise on the way, so that it sharpens what the base stage drew rather than redrawing it; its
+# training does not depend on these.
 RELAY_SAMPLING = {"relay_start_sigma": 0.3, "s_noise": 0.0}
 
 
