@@ -8,9 +8,9 @@ VLM's vision stage; the run records their fingerprint and the export checks the 
 Data: scenes of the drawing world (`world.DRAWING`: one or two entities) from the train split, each with one of its
 drawing prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗"); 10% of prompts are dropped to ""
 so classifier-free guidance has an unconditional model. Losses: EDM's for the base and the single-stage model,
-RDM's blurring loss with block noise for the relay model. One optimizer steps all three on the same batch, and an
-exponential moving average of the weights (`EMA_DECAY`) is what the export ships: samples from averaged weights are
-much cleaner than from the last step's at batch 16.
+RDM's blurring loss with block noise for the relay model. One optimizer steps all three on the same batch; the
+export ships an exponential moving average of the weights (`EMA_DECAY`), which smooths out the noise of batch-16
+steps.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diffusion.relay import relay_loss
 from diffusion.sampling import EDMDenoiser, edm_loss
 from diffusion.text_encoder import GLMTextEncoder
 from glm.tokenizer import GLMTokenizer
-from multimodal.checkpoint import read_native_config
+from multimodal.checkpoint import NATIVE_CONFIG, read_native_config
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
 from multimodal.training.vlm import text_encoder_fingerprint
 from multimodal.world import DRAWING, scene_tasks
@@ -59,19 +59,19 @@ def stage_configs(text_dim: int) -> dict[str, DiTConfig]:
     return {name: world_dit_config(text_dim, *shape) for name, shape in STAGE_SHAPES.items()}
 
 
+def recorded_stage_configs(meta: dict) -> dict[str, DiTConfig]:
+    """The stage shapes a run recorded in its config (so a run keeps them when the defaults change)."""
+    return {name: DiTConfig.from_dict(config) for name, config in meta["stages"].items()}
+
+
 class Stages(nn.Module):
     """The three denoisers trained together (one state dict for checkpoints)."""
 
     def __init__(self, configs: dict[str, DiTConfig]):
         super().__init__()
-        self.configs = configs
         self.base = DiT(configs["base"])
         self.relay = DiT(configs["relay"])
         self.single = DiT(configs["single"])
-
-    @classmethod
-    def from_run_config(cls, meta: dict) -> Stages:
-        return cls({name: DiTConfig.from_dict(config) for name, config in meta["stages"].items()})
 
 
 def draw_prompt(scene, rng: random.Random) -> str:
@@ -92,8 +92,8 @@ def train_diffusion(
         param.requires_grad_(False)
     encoder = GLMTextEncoder.from_tokenizer(vlm, tokenizer)
     started = Path(out_dir) / "model"
-    if (started / "config.json").exists():  # a run resumes with the shapes it started with
-        configs = Stages.from_run_config(read_native_config(started, KIND)).configs
+    if (started / NATIVE_CONFIG).exists():  # a run resumes with the shapes it started with
+        configs = recorded_stage_configs(read_native_config(started, KIND))
     else:
         configs = stage_configs(vlm.config.hidden_size)
     stages = Stages(configs)
@@ -101,7 +101,7 @@ def train_diffusion(
     optimizer = torch.optim.AdamW(stages.parameters(), lr=lr, weight_decay=0.01)
     pool = TrainScenes(scenes, 64, DRAWING)
     run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
-                              "relay": relay_config.to_dict(), "text_dim": vlm.config.hidden_size,
+                              "relay": relay_config.to_dict(),
                               "stages": {name: config.to_dict() for name, config in configs.items()}})
     base, relay, single = (EDMDenoiser(m, relay_config.sigma_data) for m in (stages.base, stages.relay, stages.single))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from diffusion.pipeline import RelayConfig, save_dit, save_relay_pipeline
 from multimodal.checkpoint import NATIVE_WEIGHTS, load_into, read_native_config, read_state_dict
 from multimodal.training.diffusion import KIND as DIFFUSION_KIND
-from multimodal.training.diffusion import RELAY_SAMPLING, Stages
+from multimodal.training.diffusion import RELAY_SAMPLING, Stages, recorded_stage_configs
 from multimodal.training.vlm import text_encoder_fingerprint
 from vlm.convert import load_vlm, save_vlm
 
@@ -32,7 +32,8 @@ def export_suite(vlm_run: Path, diffusion_run: Path, judge_run: Path, tokenizer:
         raise ValueError(
             f"The diffusion run in {diffusion_run} was trained on another text encoder than the VLM in {vlm_run} has."
         )
-    stages = load_into(Stages.from_run_config(meta), read_state_dict(diffusion_run / "ema" / NATIVE_WEIGHTS))
+    weights = read_state_dict(diffusion_run / "ema" / NATIVE_WEIGHTS)
+    stages = load_into(Stages(recorded_stage_configs(meta)), weights)
     save_vlm(vlm, out_dir / "vlm")
     encoder = {"checkpoint": "../vlm", "tokenizer": "../tokenizer.json", "format": "vlm",
                "text_encoder_fingerprint": meta["text_encoder_fingerprint"]}
