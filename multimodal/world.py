@@ -194,24 +194,15 @@ class WorldConfig:
     max_entities: int = 4  # 1..4 entities per scene
     wear_probability: float = 0.5  # chance that an animal face wears an accessory
     repeat_probability: float = 0.25  # chance that an entity repeats a class already in the scene (for counting)
-    object_scale: float = 1.0  # multiplies the entity sizes (_SIZE_RANGES); an entity larger than its cell shrinks
-    backgrounds: tuple[str, ...] = BACKGROUND_KINDS
 
     def __post_init__(self):
         if not 1 <= self.max_entities <= 4:
             raise ValueError(f"max_entities must be between 1 and 4, not {self.max_entities}.")
         if self.size < 32:
             raise ValueError(f"The canvas must be at least 32 pixels wide, not {self.size}.")
-        if not 0.5 <= self.object_scale <= 2.5:
-            raise ValueError(f"object_scale must be between 0.5 and 2.5, not {self.object_scale}.")
-        if not self.backgrounds or not set(self.backgrounds) <= set(BACKGROUND_KINDS):
-            raise ValueError(f"backgrounds must be some of {', '.join(BACKGROUND_KINDS)}, not {self.backgrounds}.")
 
 
-# The text-to-image models' world: one or two entities, drawn large on plain or gradient backgrounds, so that a small
-# model spends its capacity on the objects a prompt names (the base stage sees 32x32: the default world's small
-# entities are 7 pixels there) rather than on background textures no prompt mentions.
-DRAWING = WorldConfig(max_entities=2, object_scale=1.75, backgrounds=("plain", "gradient"))
+DRAWING = WorldConfig(max_entities=2)  # the text-to-image models' world: one or two entities per scene
 
 
 @dataclass(frozen=True)
@@ -350,7 +341,7 @@ def make_scene(seed: int, config: WorldConfig = WorldConfig()) -> Scene:
     rng = random.Random(seed)
     allow_held_out = seed in SPLITS["test"]
     size = config.size
-    background = Background(rng.choice(config.backgrounds), rng.choice(sorted(COLOURS)), rng.randrange(size))
+    background = Background(rng.choice(BACKGROUND_KINDS), rng.choice(sorted(COLOURS)), rng.randrange(size))
 
     num_entities = rng.randint(1, config.max_entities)
     rows, cols = rng.choice(_LAYOUTS[num_entities])
@@ -373,17 +364,12 @@ def make_scene(seed: int, config: WorldConfig = WorldConfig()) -> Scene:
 
         size_word = rng.choice(("small", "big"))
         low, high = _SIZE_RANGES[size_word]
-        main_side = rng.uniform(low, high) * config.object_scale * size
-        parts, (width, height) = _compose(main, accessory, main_side)
+        parts, (width, height) = _compose(main, accessory, rng.uniform(low, high) * size)
         margin = 0.04 * size
         if width > cell_w - margin or height > cell_h - margin:  # a big entity does not fit its cell: make it small
             size_word = "small"
             low, high = _SIZE_RANGES["small"]
-            main_side = rng.uniform(low, high) * config.object_scale * size
-            parts, (width, height) = _compose(main, accessory, main_side)
-        fit = min((cell_w - margin) / width, (cell_h - margin) / height)
-        if fit < 1:  # still too large (a scaled-up world): shrink to the cell
-            parts, (width, height) = _compose(main, accessory, main_side * fit)
+            parts, (width, height) = _compose(main, accessory, rng.uniform(low, high) * size)
         x0 = round(col * cell_w + rng.uniform(0, max(0.0, cell_w - width)))
         y0 = round(row * cell_h + rng.uniform(0, max(0.0, cell_h - height)))
         x0 = min(max(x0, 0), size - width)
