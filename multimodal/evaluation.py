@@ -99,22 +99,40 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     """ground, caption or vqa with `answer` answering a batch of questions about images."""
     task_kind = {"ground": "refer", "caption": "caption", "vqa": "vqa"}[kind]
     items = eval_tasks(task_kind, count)
-    scores = []
+    scores, outcomes = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         replies = answer([render(scene) for scene, _ in chunk], [task.prompt for _, task in chunk],
                          MAX_NEW_TOKENS[kind])
         for (scene, task), reply in zip(chunk, replies):
             if kind == "ground":
-                boxes = parse_grounding(reply).boxes
-                scores.append(float(bool(boxes) and iou(boxes[0][1], scene.box_per_mille(task.target)) >= 0.5))
+                outcomes.append(grounding_outcome(reply, scene, task.target))
+                scores.append(float(outcomes[-1] == "hit"))
             elif kind == "caption":
                 expected = {obj.name for obj in scene.objects}
                 scores.append(caption_f1(mentioned_classes(reply, task.lang), expected))
             else:
                 scores.append(float(normalise_answer(reply) == normalise_answer(task.answer)))
     measure = {"ground": "Acc@IoU0.5", "caption": "object-set F1", "vqa": "exact match"}[kind]
-    return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind])
+    details = {f"{miss} share": outcomes.count(miss) / len(outcomes) for miss in GROUNDING_MISSES} if outcomes else {}
+    return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
+
+
+GROUNDING_MISSES = ("another object's box", "loose box", "no box")
+
+
+def grounding_outcome(reply: str, scene, target: int) -> str:
+    """How a grounding reply did: a hit (its first box has IoU >= 0.5 with the target's), or one of
+    `GROUNDING_MISSES`: it boxed another object of the scene (IoU >= 0.5 with that object's box), it drew a loose box
+    that matches no object, or it gave no box."""
+    boxes = parse_grounding(reply).boxes
+    if not boxes:
+        return "no box"
+    box = boxes[0][1]
+    if iou(box, scene.box_per_mille(target)) >= 0.5:
+        return "hit"
+    others = (index for index in range(len(scene.objects)) if index != target)
+    return "another object's box" if any(iou(box, scene.box_per_mille(i)) >= 0.5 for i in others) else "loose box"
 
 
 def equal_compute_steps(pipeline, single, text_len: int) -> int:

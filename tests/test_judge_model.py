@@ -84,3 +84,28 @@ def test_single_stage_steps_match_relay_compute():
     single_flops = RelayPipeline(None, single, None, pipeline.config).flops(64, 64, 16, steps, 0, use_relay=False)
     per_step = 2 * 2 * single.flops_per_forward(64, 64, 16)  # guidance doubles passes; Heun two evaluations a step
     assert abs(single_flops - relay_flops) <= per_step / 2
+
+
+
+def test_grounding_misses_are_told_apart():
+    from multimodal.evaluation import eval_tasks, evaluate_understanding, grounding_outcome
+    from vlm.grounding import format_boxes
+
+    def apart(scene, task):  # another object whose box does not touch the target's
+        target = scene.box_per_mille(task.target)
+        return next((i for i in range(len(scene.objects)) if iou(scene.box_per_mille(i), target) == 0), None)
+
+    scene, task = next((s, t) for s, t in eval_tasks("refer", 40) if apart(s, t) is not None)
+    x0, y0, x1, y1 = scene.box_per_mille(task.target)
+    assert grounding_outcome(f"here {format_boxes([(x0 + 4, y0, x1 + 4, y1)])}", scene, task.target) == "hit"
+    other = format_boxes([scene.box_per_mille(apart(scene, task))])
+    assert grounding_outcome(other, scene, task.target) == "another object's box"
+    assert grounding_outcome(format_boxes([(x0, y0, x0 + (x1 - x0) // 4, y1)]), scene, task.target) == "loose box"
+    assert grounding_outcome("on the left", scene, task.target) == "no box"
+
+    items = eval_tasks("refer", 6)
+    true_boxes = [format_boxes([s.box_per_mille(t.target)]) for s, t in items]
+    replies = true_boxes[:3] + ["no idea"] * 3
+    result = evaluate_understanding("ground", lambda images, questions, limit: replies, 6)
+    assert result.value == 0.5
+    assert result.details == {"another object's box share": 0.0, "loose box share": 0.0, "no box share": 0.5}
