@@ -95,6 +95,23 @@ def answer_with(chat_model) -> Answer:
     return answer
 
 
+GROUNDING_MISSES = ("another object's box", "loose box", "no box")
+
+
+def grounding_outcome(reply: str, scene, target: int) -> str:
+    """How a grounding reply did: a hit (its first box has IoU >= 0.5 with the target's), or one of
+    `GROUNDING_MISSES`: it boxed another object of the scene (IoU >= 0.5 with that object's box), it drew a loose box
+    that matches no object, or it gave no box."""
+    boxes = parse_grounding(reply).boxes
+    if not boxes:
+        return "no box"
+    box = boxes[0][1]
+    if iou(box, scene.box_per_mille(target)) >= 0.5:
+        return "hit"
+    others = (index for index in range(len(scene.objects)) if index != target)
+    return "another object's box" if any(iou(box, scene.box_per_mille(i)) >= 0.5 for i in others) else "loose box"
+
+
 def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32) -> Result:
     """ground, caption or vqa with `answer` answering a batch of questions about images."""
     task_kind = {"ground": "refer", "caption": "caption", "vqa": "vqa"}[kind]
@@ -116,23 +133,6 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     measure = {"ground": "Acc@IoU0.5", "caption": "object-set F1", "vqa": "exact match"}[kind]
     details = {f"{miss} share": outcomes.count(miss) / len(outcomes) for miss in GROUNDING_MISSES} if outcomes else {}
     return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
-
-
-GROUNDING_MISSES = ("another object's box", "loose box", "no box")
-
-
-def grounding_outcome(reply: str, scene, target: int) -> str:
-    """How a grounding reply did: a hit (its first box has IoU >= 0.5 with the target's), or one of
-    `GROUNDING_MISSES`: it boxed another object of the scene (IoU >= 0.5 with that object's box), it drew a loose box
-    that matches no object, or it gave no box."""
-    boxes = parse_grounding(reply).boxes
-    if not boxes:
-        return "no box"
-    box = boxes[0][1]
-    if iou(box, scene.box_per_mille(target)) >= 0.5:
-        return "hit"
-    others = (index for index in range(len(scene.objects)) if index != target)
-    return "another object's box" if any(iou(box, scene.box_per_mille(i)) >= 0.5 for i in others) else "loose box"
 
 
 def equal_compute_steps(pipeline, single, text_len: int) -> int:

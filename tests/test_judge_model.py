@@ -86,7 +86,6 @@ def test_single_stage_steps_match_relay_compute():
     assert abs(single_flops - relay_flops) <= per_step / 2
 
 
-
 def test_grounding_misses_are_told_apart():
     from multimodal.evaluation import eval_tasks, evaluate_understanding, grounding_outcome
     from vlm.grounding import format_boxes
