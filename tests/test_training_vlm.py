@@ -4,6 +4,7 @@ auxiliary vision losses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusion.text_encoder import GLMTextEncoder
@@ -12,8 +13,12 @@ from multimodal.training.vlm import (
     GROWN_LAYERS,
     MIN_SPREAD,
     PatchDetectionHead,
+    answer_rows,
+    centre_cell,
     grow,
     is_text_encoder_parameter,
+    lookup_attention,
+    lookup_loss,
     patch_targets,
     spread_loss,
     text_encoder_fingerprint,
@@ -23,6 +28,7 @@ from multimodal.training.vlm import (
 from multimodal.world import CLASSES, make_scene, split_seeds
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel
+from vlm.processor import Processor
 
 
 def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
@@ -123,7 +129,7 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     train_judge(runs / "judge", tokenizer, steps=1, batch_size=2, scenes=4)
     tokenizer_file = tokenizer.save(tmp_path / "tokenizer.json")
 
-    suite = export_suite(runs / "vlm", runs / "diffusion", runs / "judge", tokenizer_file, tmp_path / "suite")
+    suite = export_suite(runs, tokenizer_file, tmp_path / "suite")
     pipeline = load_relay_pipeline(suite / "diffusion")
     averaged = read_state_dict(runs / "diffusion" / "ema" / NATIVE_WEIGHTS)
     last = read_state_dict(runs / "diffusion" / "model" / NATIVE_WEIGHTS)
@@ -133,7 +139,114 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     image = pipeline("a dog with a hat", seed=0, num_inference_steps=2, relay_steps=2).images[0]
     assert image.size == (64, 64)
 
-    shutil.rmtree(runs / "vlm")  # a VLM trained from another seed has another text encoder
-    train_vlm(runs / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    # A VLM trained further replaces the suite's alone; one from another seed has another text encoder.
+    more = tmp_path / "more"
+    train_vlm(more / "vlm", tokenizer, steps=2, batch_size=2, scenes=4, init=runs / "vlm" / "model")
+    export_suite(more, tokenizer_file, suite)
+    torch.testing.assert_close(read_state_dict(suite / "vlm" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"],
+                               read_state_dict(more / "vlm" / "model" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"])
+    assert load_relay_pipeline(suite / "diffusion").base is not None
+    other = tmp_path / "other"
+    train_vlm(other / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
     with pytest.raises(ValueError, match="another text encoder"):
-        export_suite(runs / "vlm", runs / "diffusion", runs / "judge", tokenizer_file, tmp_path / "suite2")
+        export_suite(other, tokenizer_file, suite)
+    with pytest.raises(FileNotFoundError, match="the diffusion and judge part"):
+        export_suite(more, tokenizer_file, tmp_path / "empty")
+    shutil.rmtree(runs / "vlm")
+    shutil.copytree(other / "vlm", runs / "vlm")
+    with pytest.raises(ValueError, match="another text encoder"):  # against the diffusion run, not a suite
+        export_suite(runs, tokenizer_file, tmp_path / "suite2")
+
+
+def _grown_world_vlm(tokenizer, generator):
+    config = world_vlm_config(tokenizer.vocab_size)
+    model, _ = grow(VisionLanguageModel(config).init_weights(generator=generator), config, GROWN_LAYERS)
+    with torch.no_grad():  # the grown layers' zero projections would hide a wrong attention from the output check
+        for param in model.layers[-GROWN_LAYERS:].parameters():
+            param.normal_(0, 0.05, generator=generator)
+    return model.eval()
+
+
+def _refer_batch(model, tokenizer, generator):
+    """Two refer tasks of different lengths (so one row is padded) on random images."""
+    from multimodal.world import scene_tasks
+
+    scenes = [make_scene(seed) for seed in split_seeds("train", 30)]
+    picked = [(s, t) for s in scenes for t in scene_tasks(s) if t.kind == "refer"]
+    picked = [picked[0], next(p for p in picked if len(p[1].prompt) != len(picked[0][1].prompt))]
+    processor = Processor(tokenizer, model.vlm_config, pad_id=tokenizer.pad_id)
+    rows, lengths = answer_rows(processor, tokenizer, [t for _, t in picked], with_image=True)
+    pixels = torch.randn(len(rows), 3, 64, 64, generator=generator)
+    inputs = processor.layout(rows, model.vlm_config.image_tokens, pixels)
+    assert inputs.padded
+    return picked, inputs, lengths
+
+
+def test_lookup_attention_is_the_attention_the_layer_computes(generator, monkeypatch):
+    import vlm.model
+
+    tokenizer = load_world_tokenizer()
+    model = _grown_world_vlm(tokenizer, generator)
+    _, inputs, _ = _refer_batch(model, tokenizer, generator)
+    layer_index = model.config.num_layers - GROWN_LAYERS
+    calls, outputs = [], {}
+    real_attention = vlm.model.attention
+
+    def recording(q, k, v, *args, **kwargs):  # keeps the value rows and the output of the lookup layer's attention
+        out = real_attention(q, k, v, *args, **kwargs)
+        if len(calls) == layer_index:
+            outputs.update(v=v, out=out)
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(vlm.model, "attention", recording)
+    with torch.no_grad():
+        _, hidden = model(inputs.input_ids, image_embeds=model.encode_image(inputs.pixels),
+                          image_start=inputs.image_start, positions=inputs.positions,
+                          attention_mask=inputs.attention_mask, output_hidden_states=True)
+        probs = lookup_attention(model, hidden[layer_index], inputs)  # [B, h, T, T]
+    heads, head_dim = probs.shape[1], model.config.head_dim
+    expected = outputs["out"][..., : heads * head_dim].unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B,h,T,D]
+    torch.testing.assert_close(probs @ outputs["v"][:, :1], expected, rtol=1e-4, atol=1e-5)
+    real = inputs.attention_mask
+    padding_keys = (real[:, None, :, None] & ~real[:, None, None, :]).expand_as(probs)  # real queries, padded keys
+    assert padding_keys.any() and torch.all(probs[padding_keys] == 0)
+
+
+def test_lookup_loss_is_the_attention_on_the_target_cell_at_answer_positions(generator):
+    tokenizer = load_world_tokenizer()
+    model = _grown_world_vlm(tokenizer, generator)
+    picked, inputs, lengths = _refer_batch(model, tokenizer, generator)
+    cells = [centre_cell(scene.box_per_mille(task.target), 4) for scene, task in picked]
+    layer_input = torch.randn(*inputs.input_ids.shape, model.config.hidden_size, generator=generator,
+                              requires_grad=True)
+    loss = lookup_loss(model, layer_input, inputs, lengths, cells)
+    probs = lookup_attention(model, layer_input, inputs).detach()
+    total, count = 0.0, 0
+    length = inputs.input_ids.shape[1]
+    for row in range(len(lengths)):  # the slow way: every head, every position that predicts an answer token
+        for head in range(probs.shape[1]):
+            for position in range(length - lengths[row] - 1, length - 1):
+                total += -torch.log(probs[row, head, position, inputs.image_start + 1 + cells[row]] + 1e-6)
+                count += 1
+    torch.testing.assert_close(loss.detach(), total / count, rtol=1e-5, atol=1e-6)  # rows have equal answer lengths
+    loss.backward()
+    layer = model.layers[model.config.num_layers - GROWN_LAYERS]
+    assert layer.attn.qkv.weight.grad.abs().sum() > 0 and layer.attn.vision_qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
+    torch.set_num_threads(1)
+    tokenizer = load_world_tokenizer()
+    train_vlm(tmp_path / "first", tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    first = load_vlm(tmp_path / "first" / "model")
+    train_vlm(tmp_path / "more", tokenizer, steps=2, batch_size=2, scenes=4, init=tmp_path / "first" / "model")
+    more = load_vlm(tmp_path / "more" / "model")
+    assert not (tmp_path / "more" / "language").exists() and not (tmp_path / "more" / "tower").exists()
+    assert text_encoder_fingerprint(more) == text_encoder_fingerprint(first)
+    assert more.vlm_config == first.vlm_config
+    before, after = first.state_dict(), more.state_dict()
+    assert not torch.equal(before["layers.4.attn.qkv.weight"], after["layers.4.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="not a grown world VLM"):
+        train_vlm(tmp_path / "bad", tokenizer, steps=1, batch_size=2, scenes=4,
+                  init=tmp_path / "first" / "language" / "model")

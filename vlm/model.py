@@ -145,13 +145,13 @@ class ExpertBlock(GLMBlock):
     def forward_image(self, x, start, end, cos, sin, cache=None, cache_start=0, mask=None) -> torch.Tensor:
         """x [B, T, C] whose tokens [start, end) take the vision expert (boi + patches); the rest the language one."""
         attn = self.attn
-        q, k, v = attn.split_qkv(_route(attn.qkv, attn.vision_qkv, self.attn_norm(x), start, end))
-        x = x + _route(attn.dense, attn.vision_dense, attention(q, k, v, cos, sin, cache, cache_start, mask),
+        q, k, v = attn.split_qkv(route_experts(attn.qkv, attn.vision_qkv, self.attn_norm(x), start, end))
+        x = x + route_experts(attn.dense, attn.vision_dense, attention(q, k, v, cos, sin, cache, cache_start, mask),
                        start, end)
-        return x + _route(self.mlp, self.vision_mlp, self.mlp_norm(x), start, end)
+        return x + route_experts(self.mlp, self.vision_mlp, self.mlp_norm(x), start, end)
 
 
-def _route(language: nn.Module, vision: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def route_experts(language: nn.Module, vision: nn.Module, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Apply `vision` to x[:, start:end] and `language` to the rest (one call on both language pieces)."""
     text = torch.cat([x[:, :start], x[:, end:]], dim=1)  # [B, T - (end - start), C]
     text_out = language(text)

@@ -3,7 +3,8 @@ world, then export the runs as a suite folder.
 
 Runs resume from their folder (`--out`), print progress, and keep one thread by default so several jobs can share a
 small CPU. `export` reads `--runs DIR` (its vlm/, diffusion/ and judge/ runs) and writes the suite to `--out`
-(the shipped copy is multimodal/assets). The recipe that produced the shipped models is in the README.
+(the shipped copy is multimodal/assets); the runs it lacks must already be in that suite. The recipe that
+produced the shipped models is in the README.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped one)")
     parser.add_argument("--text-encoder", default=None,
                         help="diffusion: the VLM run whose frozen GLM core encodes prompts (default: the shipped VLM)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's own)")
+    parser.add_argument("--init", default=None,
+                        help="vlm: continue a finished VLM (e.g. multimodal/assets/vlm) with a vision stage of its own")
     parser.add_argument("--runs", default="runs", help="export: the folder holding the vlm, diffusion and judge runs")
     parser.set_defaults(func=run)
 
@@ -48,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
         runs = Path(args.runs)
         tokenizer = Path(args.tokenizer) if args.tokenizer else asset_path("tokenizer.json")
-        print(f"exported {export_suite(runs / 'vlm', runs / 'diffusion', runs / 'judge', tokenizer, out)}")
+        print(f"exported {export_suite(runs, tokenizer, out)}")
         return 0
 
     from multimodal.assets import load_world_tokenizer
 
     tokenizer = load_world_tokenizer(args.tokenizer)
-    budget = {"minutes": args.minutes} | ({"steps": args.steps} if args.steps else {})
+    budget = {"minutes": args.minutes} | ({"steps": args.steps} if args.steps else {}) | (
+        {"lr": args.lr} if args.lr else {})
     if args.model == "judge":
         from multimodal.training.judge import train_judge
 
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.model == "vlm":
         from multimodal.training.vlm import train_vlm
 
-        path = train_vlm(out, tokenizer, seed=args.seed, **budget)
+        path = train_vlm(out, tokenizer, seed=args.seed, init=args.init, **budget)
     else:
         from multimodal.training.diffusion import train_diffusion
 

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm.model import GLMConfig
+from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
 from multimodal.world import CLASSES, COLOURS, Scene, Task, scene_tasks
 from vlm.adapter import AdapterConfig
-from vlm.model import VisionLanguageModel, VLMConfig
+from vlm.convert import load_vlm
+from vlm.model import VisionLanguageModel, VLMConfig, route_experts
 from vlm.processor import Processor
 from vlm.vit import ViTConfig
 
@@ -48,6 +49,7 @@ STOP_TOKEN = "<|user|>"  # a reply ends where the next user turn would begin (GL
 TASK_WEIGHTS = {"refer": 0.35, "vqa": 0.35, "caption": 0.15, "grounded_caption": 0.15}
 GROWN_LAYERS = 2  # layers added on top of the language-stage core for the vision stage
 BOX_LOSS_WEIGHT = 5.0  # box L1 is in units of the image side: 0.05 off is a large miss at this scale
+LOOKUP_HEADS = 3  # heads of the first grown layer (one KV group) taught where a referred object is
 MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
 
 
@@ -146,6 +148,12 @@ def spread_loss(image_embeds: torch.Tensor) -> torch.Tensor:
     return F.relu(MIN_SPREAD - normalized.std(0)).mean()
 
 
+def centre_cell(box: tuple[int, int, int, int], grid: int) -> int:
+    """The row-major index of the cell of a grid x grid partition of the image that holds a per-mille box's centre."""
+    x0, y0, x1, y1 = box
+    return min(grid - 1, (y0 + y1) * grid // 2000) * grid + min(grid - 1, (x0 + x1) * grid // 2000)
+
+
 def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class ids [B, g*g] (0 = none, else 1 + index in CLASSES) and boxes [B, g*g, 4] in [0, 1]; where two objects
     are centred in one patch, the larger one."""
@@ -156,7 +164,7 @@ def patch_targets(scenes: list[Scene], grid: int) -> tuple[torch.Tensor, torch.T
         placed = [(scene.box_per_mille(i), obj.name) for i, obj in enumerate(scene.objects)]
         for (x0, y0, x1, y1), name in sorted(placed, key=lambda p: (p[0][2] - p[0][0]) * (p[0][3] - p[0][1])):
             # large ones last, so they win a shared patch
-            cell = min(grid - 1, (y0 + y1) * grid // 2000) * grid + min(grid - 1, (x0 + x1) * grid // 2000)
+            cell = centre_cell((x0, y0, x1, y1), grid)
             classes[row, cell] = 1 + names.index(name)
             boxes[row, cell] = torch.tensor([x0, y0, x1, y1]) / 1000
     return classes, boxes
@@ -175,6 +183,43 @@ def object_patch_accuracy(model: VisionLanguageModel, head: PatchDetectionHead, 
         classes, _ = patch_targets(scenes, round(features.shape[1] ** 0.5))
         centred = classes > 0
         return (head.classes(features).argmax(-1)[centred] == classes[centred]).float().mean().item()
+
+
+def lookup_attention(model: VisionLanguageModel, layer_input: torch.Tensor, inputs) -> torch.Tensor:
+    """The attention probabilities [B, LOOKUP_HEADS, T, T] of the first `LOOKUP_HEADS` heads (one KV group) of the
+    first grown layer, recomputed from that layer's input [B, T, C] as its forward computes them."""
+    layer = model.layers[model.config.num_layers - GROWN_LAYERS]
+    attn = layer.attn
+    start = inputs.image_start
+    end = start + inputs.image_tokens - 1  # boi and the patches take the vision expert, as in forward_image
+    q, k, _ = attn.split_qkv(route_experts(attn.qkv, attn.vision_qkv, layer.attn_norm(layer_input), start, end))
+    cos, sin = model.rope(inputs.positions)
+    q = apply_rotary(q[:, :LOOKUP_HEADS], cos, sin)  # [B, h, T, D]
+    k = apply_rotary(k[:, :1], cos, sin)  # [B, 1, T, D]: the KV group of those heads
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, h, T, T]
+    allowed = attention_mask_for(inputs.attention_mask, 0, layer_input.shape[1])  # [B, 1, T, T]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def lookup_loss(model: VisionLanguageModel, layer_input: torch.Tensor, inputs, lengths: list[int],
+                cells: list[int]) -> torch.Tensor:
+    """Referring expressions: -log of the attention that `lookup_attention`'s heads pay, from each position that
+    predicts an answer token, to the image token of the referred object's centre cell (the token the detection head
+    teaches to carry that object's box).
+
+    The answer loss alone teaches the region words ("the dog on the left": 0.97 right) long before the class words
+    ("the dog": 0.56, about chance among the scene's objects), since finding an object by what it is takes a content
+    match between the question and the image tokens; this hands that match to a few heads directly, as supervised
+    attention does. lengths are the answer lengths that end each row.
+    """
+    probs = lookup_attention(model, layer_input, inputs)
+    length = layer_input.shape[1]
+    losses = []
+    for row, (answer_length, cell) in enumerate(zip(lengths, cells)):
+        predicting = slice(length - answer_length - 1, length - 1)  # the positions whose logits are answer tokens
+        on_target = probs[row, :, predicting, inputs.image_start + 1 + cell]  # [h, answer_length]
+        losses.append(-torch.log(on_target + 1e-6).mean())
+    return torch.stack(losses).mean()
 
 
 def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[VisionLanguageModel, VLMConfig]:
@@ -210,10 +255,34 @@ def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
 def train_vlm(
     out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, language_steps: int = 400,
     tower_steps: int = 2000, batch_size: int = 16, lr: float = 1e-3, scenes: int = 20000,
-    minutes: float | None = None,
+    minutes: float | None = None, init: str | Path | None = None,
 ) -> Path:  # fmt: skip
+    """All three stages; or, with `init` (a finished VLM, such as the shipped one), a further vision stage that
+    starts from its weights (its detection heads start afresh) under a schedule of its own."""
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
+    if init is None:
+        model, head = _language_and_tower(out_dir, tokenizer, seed, language_steps, tower_steps, batch_size, lr,
+                                          scenes)
+        model, config = grow(model, model.vlm_config, GROWN_LAYERS)
+        # The vision expert of every layer starts as a copy of its language expert, as CogVLM does.
+        for layer in model.layers:
+            layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
+            layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
+            layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
+    else:
+        model = load_vlm(init)
+        config = model.vlm_config
+        if config.text.text_encoder_layers is None or config.text.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{init} is not a grown world VLM for this tokenizer; train one from scratch first.")
+        head = PatchDetectionHead(config.vision.width)
+    return _vision_stage(out_dir, model, head, tokenizer, seed, steps, batch_size, lr, scenes, minutes,
+                         {"init": str(init)} if init is not None else {})
+
+
+def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, language_steps: int, tower_steps: int,
+                        batch_size: int, lr: float, scenes: int) -> tuple[VisionLanguageModel, PatchDetectionHead]:
+    """Stages 1 and 2: the model with a trained core and tower, and the tower's detection head."""
     config = world_vlm_config(tokenizer.vocab_size)
     processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
     pool = TrainScenes(scenes, config.vision.image_size)
@@ -263,20 +332,23 @@ def train_vlm(
     train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head,
           evaluate=tower_evaluate, evaluate_every=500)
 
-    # Stage 3: the core grows by GROWN_LAYERS layers (LLaMA-Pro's block expansion: copies of its last layer whose
-    # output projections start at zero, so the grown model computes what the old one did), and the text encoder's
-    # part (embeddings and every original layer but the last) is frozen. With only the last layer free, text tokens
-    # could not first read the question and then look up its object among the image tokens. The vision expert of
-    # every layer starts as a copy of its language expert, as CogVLM does. (a resumed run overwrites all of this)
-    model, config = grow(model, config, GROWN_LAYERS)
-    for layer in model.layers:
-        layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
-        layer.attn.vision_dense.load_state_dict(layer.attn.dense.state_dict())
-        layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
+    return model, head
+
+
+def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectionHead, tokenizer: GLMTokenizer,
+                  seed: int, steps: int, batch_size: int, lr: float, scenes: int, minutes: float | None,
+                  recipe: dict) -> Path:
+    """Stage 3 on a grown model (LLaMA-Pro's block expansion: GROWN_LAYERS copies of the language-stage core's last
+    layer whose output projections start at zero). The text encoder's part (embeddings and every original layer but
+    the last) is frozen. With only the last layer free, text tokens could not first read the question and then look
+    up its object among the image tokens. (a resumed run overwrites the starting weights with its checkpoint)"""
+    config = model.vlm_config
+    processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
+    pool = TrainScenes(scenes, config.vision.image_size)
     encoder_layers = config.text.encoder_layers
     for name, param in model.named_parameters():
         param.requires_grad_(not is_text_encoder_parameter(name, encoder_layers))
-    meta = {**config.to_dict(), "seed": seed}
+    meta = {**config.to_dict(), "seed": seed, **recipe}
     fingerprint = text_encoder_fingerprint(model)
     # A second head reads the adapter's image tokens, so that each token the core sees names its object and box.
     heads = nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size)})
@@ -295,12 +367,18 @@ def train_vlm(
         inputs = processor.layout(rows, config.image_tokens, pixels)
         features = model.vision(inputs.pixels)  # [B, g*g, W]
         image_embeds = model.adapter(features)  # [B, n, H]: boi, patches, eoi
-        logits = model(inputs.input_ids, image_embeds=image_embeds,
-                       image_start=inputs.image_start, positions=inputs.positions,
-                       attention_mask=inputs.attention_mask)
+        logits, hidden_states = model(inputs.input_ids, image_embeds=image_embeds,
+                                      image_start=inputs.image_start, positions=inputs.positions,
+                                      attention_mask=inputs.attention_mask, output_hidden_states=True)
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
         detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
-        return answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
+        loss = answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
+        if kind == "refer":
+            grid = round(patches.shape[1] ** 0.5)
+            cells = [centre_cell(scene.box_per_mille(task.target), grid) for scene, task in zip(scenes, tasks)]
+            layer_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
+            loss = loss + lookup_loss(model, layer_input, inputs, lengths, cells)
+        return loss
 
     train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=heads)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
