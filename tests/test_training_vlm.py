@@ -14,10 +14,10 @@ from multimodal.training.vlm import (
     MIN_SPREAD,
     PatchDetectionHead,
     answer_rows,
-    centre_cell,
     grow,
     is_text_encoder_parameter,
     lookup_attention,
+    lookup_cells,
     lookup_loss,
     patch_targets,
     spread_loss,
@@ -217,7 +217,8 @@ def test_lookup_loss_is_the_attention_on_the_target_cell_at_answer_positions(gen
     tokenizer = load_world_tokenizer()
     model = _grown_world_vlm(tokenizer, generator)
     picked, inputs, lengths = _refer_batch(model, tokenizer, generator)
-    cells = [centre_cell(scene.box_per_mille(task.target), 4) for scene, task in picked]
+    cells = [lookup_cells(scene, task, 4) for scene, task in picked]
+    cells[1] = cells[1] + [(cells[1][0] + 5) % 16]  # two cells: their attention is summed
     layer_input = torch.randn(*inputs.input_ids.shape, model.config.hidden_size, generator=generator,
                               requires_grad=True)
     loss = lookup_loss(model, layer_input, inputs, lengths, cells)
@@ -227,12 +228,36 @@ def test_lookup_loss_is_the_attention_on_the_target_cell_at_answer_positions(gen
     for row in range(len(lengths)):  # the slow way: every head, every position that predicts an answer token
         for head in range(probs.shape[1]):
             for position in range(length - lengths[row] - 1, length - 1):
-                total += -torch.log(probs[row, head, position, inputs.image_start + 1 + cells[row]] + 1e-6)
+                on_cells = sum(probs[row, head, position, inputs.image_start + 1 + cell] for cell in cells[row])
+                total += -torch.log(on_cells + 1e-6)
                 count += 1
     torch.testing.assert_close(loss.detach(), total / count, rtol=1e-5, atol=1e-6)  # rows have equal answer lengths
     loss.backward()
     layer = model.layers[model.config.num_layers - GROWN_LAYERS]
     assert layer.attn.qkv.weight.grad.abs().sum() > 0 and layer.attn.vision_qkv.weight.grad.abs().sum() > 0
+
+
+def test_lookup_cells_are_the_cells_of_what_the_question_names():
+    from multimodal.world import Task, scene_tasks
+
+    scene = next(s for s in map(make_scene, split_seeds("train", 200)) if len({o.name for o in s.objects}) == 4
+                 and len(s.objects) == 4)
+    for index, obj in enumerate(scene.objects):
+        x0, y0, x1, y1 = obj.box  # the slow way: the centre in pixels, the cell of a 4x4 grid it falls in
+        cell = int((y0 + y1) / 2 / scene.size * 4) * 4 + int((x0 + x1) / 2 / scene.size * 4)
+        refer = next(t for t in scene_tasks(scene) if t.kind == "refer" and t.target == index)
+        assert lookup_cells(scene, refer, 4) == [cell]
+        for lang, question in (("en", f"How many {obj.cls.plural} are there?"), ("zh", f"{obj.cls.zh}是大还是小？")):
+            assert lookup_cells(scene, Task("vqa", lang, question, ""), 4) == [cell]
+    absent = next(c for c in CLASSES.values() if scene.count(c.name) == 0)
+    assert lookup_cells(scene, Task("vqa", "en", f"Is there {absent.with_article()}?", "no"), 4) == []
+    assert lookup_cells(scene, Task("vqa", "en", "What colour is the background?", "red"), 4) == []
+    assert lookup_cells(scene, Task("caption", "en", "Describe the image.", ""), 4) == []
+    repeated = next(s for s in map(make_scene, split_seeds("train", 400)) if any(s.count(o.name) == 2
+                                                                                 for o in s.objects))
+    name = next(o.name for o in repeated.objects if repeated.count(o.name) == 2)
+    cells = lookup_cells(repeated, Task("vqa", "en", f"How many {CLASSES[name].plural} are there?", "2"), 4)
+    assert 1 <= len(cells) <= 2 and all(0 <= c < 16 for c in cells)
 
 
 def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):

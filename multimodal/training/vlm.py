@@ -25,8 +25,10 @@ proves they agree. Each stage is its own run folder (`<out>/language`, `<out>/to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -201,25 +203,53 @@ def lookup_attention(model: VisionLanguageModel, layer_input: torch.Tensor, inpu
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
+def lookup_cells(scene: Scene, task: Task, grid: int) -> list[int]:
+    """The image cells (of a grid x grid partition) holding the centres of what a question looks for: the referred
+    object, or every object of the one class a VQA question names when the scene has it (none for an absent class,
+    whose answer is that nothing matches)."""
+    if task.kind == "refer":
+        return [centre_cell(scene.box_per_mille(task.target), grid)]
+    if task.kind != "vqa":
+        return []
+    named = _class_pattern(task.lang).findall(task.prompt.lower())
+    if len(set(named)) != 1:
+        return []
+    by_form = {form: c.name for c in CLASSES.values() for form in (c.name, c.plural, c.zh)}
+    return sorted({centre_cell(scene.box_per_mille(index), grid)
+                   for index, obj in enumerate(scene.objects) if obj.name == by_form[named[0]]})
+
+
+@functools.lru_cache(maxsize=2)
+def _class_pattern(lang: str) -> re.Pattern:
+    """Class names as questions write them (English singular or plural, Chinese), longest first ("sunglasses" is not
+    also "glasses", "熊猫" is not also "熊")."""
+    forms = [form for c in CLASSES.values() for form in ((c.name, c.plural) if lang == "en" else (c.zh,))]
+    alternation = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
+    return re.compile(rf"\b(?:{alternation})\b" if lang == "en" else alternation)
+
+
 def lookup_loss(model: VisionLanguageModel, layer_input: torch.Tensor, inputs, lengths: list[int],
-                cells: list[int]) -> torch.Tensor:
-    """Referring expressions: -log of the attention that `lookup_attention`'s heads pay, from each position that
-    predicts an answer token, to the image token of the referred object's centre cell (the token the detection head
-    teaches to carry that object's box).
+                cells: list[list[int]]) -> torch.Tensor:
+    """-log of the attention that `lookup_attention`'s heads pay, from each position that predicts an answer token,
+    to the image tokens of the row's `lookup_cells` (the tokens the detection head teaches to carry those objects'
+    boxes); rows without cells do not count. None when no row has cells.
 
     The answer loss alone teaches the region words ("the dog on the left": 0.97 right) long before the class words
-    ("the dog": 0.56, about chance among the scene's objects), since finding an object by what it is takes a content
-    match between the question and the image tokens; this hands that match to a few heads directly, as supervised
-    attention does. lengths are the answer lengths that end each row.
+    ("the dog": 0.56, about chance among the scene's objects; "Is there a dog?": 0.54), since finding an object by
+    what it is takes a content match between the question and the image tokens; this hands that match to a few
+    heads directly, as supervised attention does. lengths are the answer lengths that end each row.
     """
     probs = lookup_attention(model, layer_input, inputs)
     length = layer_input.shape[1]
     losses = []
-    for row, (answer_length, cell) in enumerate(zip(lengths, cells)):
+    for row, (answer_length, row_cells) in enumerate(zip(lengths, cells)):
+        if not row_cells:
+            continue
         predicting = slice(length - answer_length - 1, length - 1)  # the positions whose logits are answer tokens
-        on_target = probs[row, :, predicting, inputs.image_start + 1 + cell]  # [h, answer_length]
+        keys = [inputs.image_start + 1 + cell for cell in row_cells]
+        on_target = probs[row, :, predicting][..., keys].sum(-1)  # [h, answer_length]
         losses.append(-torch.log(on_target + 1e-6).mean())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if losses else None
 
 
 def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[VisionLanguageModel, VLMConfig]:
@@ -373,12 +403,10 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
         detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
         loss = answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
-        if kind == "refer":
-            grid = round(patches.shape[1] ** 0.5)
-            cells = [centre_cell(scene.box_per_mille(task.target), grid) for scene, task in zip(scenes, tasks)]
-            layer_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
-            loss = loss + lookup_loss(model, layer_input, inputs, lengths, cells)
-        return loss
+        grid = round(patches.shape[1] ** 0.5)
+        cells = [lookup_cells(scene, task, grid) for scene, task in zip(scenes, tasks)]
+        lookup = lookup_loss(model, hidden_states[config.text.num_layers - GROWN_LAYERS], inputs, lengths, cells)
+        return loss if lookup is None else loss + lookup
 
     train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=heads)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
