@@ -20,12 +20,14 @@ from multimodal.training.vlm import (
     lookup_cells,
     lookup_loss,
     patch_targets,
+    query_loss,
+    question_class,
     spread_loss,
     text_encoder_fingerprint,
     train_vlm,
     world_vlm_config,
 )
-from multimodal.world import CLASSES, make_scene, split_seeds
+from multimodal.world import CLASSES, make_scene, scene_tasks, split_seeds
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
@@ -105,7 +107,8 @@ def test_the_detection_heads_live_in_the_trainer_state_not_the_model(tmp_path):
     model = load_vlm(tmp_path / "model")
     tower = PatchDetectionHead(model.vision.width)
     tower.load_state_dict(torch.load(tmp_path / "tower" / "trainer.pt", weights_only=True)["extra"])  # strict
-    heads = torch.nn.ModuleDict({"tower": tower, "tokens": PatchDetectionHead(model.config.hidden_size)})
+    heads = torch.nn.ModuleDict({"tower": tower, "tokens": PatchDetectionHead(model.config.hidden_size),
+                                 "query": torch.nn.Linear(model.config.hidden_size, len(CLASSES))})
     heads.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=True)["extra"])
     assert not any(".classes." in name or name.startswith("classes") for name in model.state_dict())
 
@@ -258,6 +261,29 @@ def test_lookup_cells_are_the_cells_of_what_the_question_names():
     name = next(o.name for o in repeated.objects if repeated.count(o.name) == 2)
     cells = lookup_cells(repeated, Task("vqa", "en", f"How many {CLASSES[name].plural} are there?", "2"), 4)
     assert 1 <= len(cells) <= 2 and all(0 <= c < 16 for c in cells)
+
+
+def test_query_loss_reads_the_class_asked_about_at_the_first_answer_prediction(generator):
+    from multimodal.world import Task
+
+    scene = next(s for s in map(make_scene, split_seeds("train", 50)) if len(s.entities) >= 2)
+    present = scene.objects[0].cls
+    absent = next(c for c in CLASSES.values() if scene.count(c.name) == 0)
+    tasks = [Task("vqa", "en", f"How many {present.plural} are there?", "1"),
+             Task("vqa", "zh", f"图中有{absent.zh}吗？", "没有"),
+             Task("vqa", "en", "What colour is the background?", "red"),
+             next(t for t in scene_tasks(scene) if t.kind == "refer")]
+    names = [question_class(scene, task) for task in tasks]
+    assert names == [present.name, absent.name, None, scene.objects[tasks[3].target].name]
+    classifier = torch.nn.Linear(8, len(CLASSES))
+    states = torch.randn(4, 12, 8, generator=generator)  # [B, T, C]
+    lengths = [3, 5, 2, 4]
+    loss = query_loss(classifier, states, lengths, names)
+    expected = [torch.nn.functional.cross_entropy(classifier(states[row, 12 - lengths[row] - 1])[None],
+                                                  torch.tensor([list(CLASSES).index(names[row])]))
+                for row in (0, 1, 3)]  # the slow way, row by row; the background question does not count
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    assert query_loss(classifier, states, lengths, [None] * 4) is None
 
 
 def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):

@@ -203,20 +203,46 @@ def lookup_attention(model: VisionLanguageModel, layer_input: torch.Tensor, inpu
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
+def question_class(scene: Scene, task: Task) -> str | None:
+    """The class a question looks for: the referred object's, or the one class a VQA question names (present in the
+    scene or not); None for other questions."""
+    if task.kind == "refer":
+        return scene.objects[task.target].name
+    if task.kind != "vqa":
+        return None
+    named = set(_class_pattern(task.lang).findall(task.prompt.lower()))
+    if len(named) != 1:
+        return None
+    by_form = {form: c.name for c in CLASSES.values() for form in (c.name, c.plural, c.zh)}
+    return by_form[named.pop()]
+
+
 def lookup_cells(scene: Scene, task: Task, grid: int) -> list[int]:
     """The image cells (of a grid x grid partition) holding the centres of what a question looks for: the referred
-    object, or every object of the one class a VQA question names when the scene has it (none for an absent class,
-    whose answer is that nothing matches)."""
+    object, or every object of the class a VQA question names (none when the scene has none: the answer is then
+    that nothing matches)."""
     if task.kind == "refer":
         return [centre_cell(scene.box_per_mille(task.target), grid)]
-    if task.kind != "vqa":
-        return []
-    named = _class_pattern(task.lang).findall(task.prompt.lower())
-    if len(set(named)) != 1:
-        return []
-    by_form = {form: c.name for c in CLASSES.values() for form in (c.name, c.plural, c.zh)}
+    name = question_class(scene, task)
     return sorted({centre_cell(scene.box_per_mille(index), grid)
-                   for index, obj in enumerate(scene.objects) if obj.name == by_form[named[0]]})
+                   for index, obj in enumerate(scene.objects) if obj.name == name}) if name else []
+
+
+def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[int],
+               names: list[str | None]) -> torch.Tensor | None:
+    """Cross-entropy of the class a question looks for, read linearly from the lookup layer's input at the position
+    that predicts the first answer token; rows without a class do not count. None when no row has one.
+
+    The lookup can only match what that position's query holds, and the frozen text-encoder layers were trained on
+    text alone, where the class asked about hardly changes the answer: at the vision stage's start it is linearly
+    readable there in about half the questions. This asks the trainable layer below to gather it."""
+    rows = [row for row, name in enumerate(names) if name is not None]
+    if not rows:
+        return None
+    length = layer_input.shape[1]
+    queries = torch.stack([layer_input[row, length - lengths[row] - 1] for row in rows])  # [R, C]
+    targets = torch.tensor([list(CLASSES).index(names[row]) for row in rows])
+    return F.cross_entropy(classifier(queries), targets)
 
 
 @functools.lru_cache(maxsize=2)
@@ -381,7 +407,9 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
     meta = {**config.to_dict(), "seed": seed, **recipe}
     fingerprint = text_encoder_fingerprint(model)
     # A second head reads the adapter's image tokens, so that each token the core sees names its object and box.
-    heads = nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size)})
+    # A third reads the class a question looks for at the position where the lookup happens (`query_loss`).
+    heads = nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size),
+                           "query": nn.Linear(config.text.hidden_size, len(CLASSES))})
     vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
@@ -404,9 +432,13 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
         detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
         loss = answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
         grid = round(patches.shape[1] ** 0.5)
+        lookup_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
         cells = [lookup_cells(scene, task, grid) for scene, task in zip(scenes, tasks)]
-        lookup = lookup_loss(model, hidden_states[config.text.num_layers - GROWN_LAYERS], inputs, lengths, cells)
-        return loss if lookup is None else loss + lookup
+        names = [question_class(scene, task) for scene, task in zip(scenes, tasks)]
+        for extra in (lookup_loss(model, lookup_input, inputs, lengths, cells),
+                      query_loss(heads["query"], lookup_input, lengths, names)):
+            loss = loss if extra is None else loss + extra
+        return loss
 
     train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=heads)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
