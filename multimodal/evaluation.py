@@ -113,10 +113,14 @@ def grounding_outcome(reply: str, scene, target: int) -> str:
 
 
 def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32) -> Result:
-    """ground, caption or vqa with `answer` answering a batch of questions about images."""
+    """ground, caption or vqa with `answer` answering a batch of questions about images.
+
+    Details: for ground, the shares of `GROUNDING_MISSES` and the accuracy of expressions that name a class alone
+    ("the dog") apart from those that add a region because the class repeats ("the dog on the left"); for vqa, the
+    accuracy of each question topic (count, presence, background, neighbour, wearing, size)."""
     task_kind = {"ground": "refer", "caption": "caption", "vqa": "vqa"}[kind]
     items = eval_tasks(task_kind, count)
-    scores, outcomes = [], []
+    scores, outcomes, groups = [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         replies = answer([render(scene) for scene, _ in chunk], [task.prompt for _, task in chunk],
@@ -125,13 +129,19 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
             if kind == "ground":
                 outcomes.append(grounding_outcome(reply, scene, task.target))
                 scores.append(float(outcomes[-1] == "hit"))
+                repeated = scene.count(scene.objects[task.target].name) > 1
+                groups.append("with-region Acc" if repeated else "class-only Acc")
             elif kind == "caption":
                 expected = {obj.name for obj in scene.objects}
                 scores.append(caption_f1(mentioned_classes(reply, task.lang), expected))
             else:
                 scores.append(float(normalise_answer(reply) == normalise_answer(task.answer)))
+                groups.append(f"{task.topic} Acc")
     measure = {"ground": "Acc@IoU0.5", "caption": "object-set F1", "vqa": "exact match"}[kind]
     details = {f"{miss} share": outcomes.count(miss) / len(outcomes) for miss in GROUNDING_MISSES} if outcomes else {}
+    for group in sorted(set(groups)):
+        picked = [score for score, name in zip(scores, groups) if name == group]
+        details[f"{group} ({len(picked)})"] = sum(picked) / len(picked)
     return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
 
 

@@ -455,6 +455,7 @@ class Task:
     prompt: str
     answer: str  # for draw tasks: "" (the scene's image is the answer)
     target: int | None = None  # refer: the object the expression points at
+    topic: str = ""  # vqa: count | presence | background | neighbour | wearing | size
 
 
 CAPTION_PROMPTS = {"en": "Describe the image.", "zh": "描述这张图片。"}
@@ -559,29 +560,30 @@ def vqa(scene: Scene, rng: random.Random) -> list[Task]:
     sizes and presence. `rng` picks the absent classes asked about."""
     tasks: list[Task] = []
 
-    def ask(en_q, en_a, zh_q, zh_a):
-        tasks.append(Task("vqa", "en", en_q, en_a))
-        tasks.append(Task("vqa", "zh", zh_q, zh_a))
+    def ask(topic, en_q, en_a, zh_q, zh_a):
+        tasks.append(Task("vqa", "en", en_q, en_a, topic=topic))
+        tasks.append(Task("vqa", "zh", zh_q, zh_a, topic=topic))
 
     present = sorted({scene.objects[i].name for i in scene.entities})
     absent = sorted(c.name for c in STANDALONE if scene.count(c.name) == 0)
     for name in present + rng.sample(absent, 1):
         cls = CLASSES[name]
         n = scene.count(name)
-        ask(f"How many {cls.plural} are there?", str(n), f"图中有几{cls.measure}{cls.zh}？", str(n))
+        ask("count", f"How many {cls.plural} are there?", str(n), f"图中有几{cls.measure}{cls.zh}？", str(n))
     for name in present[:1] + rng.sample(absent, 1):
         cls = CLASSES[name]
         yes = scene.count(name) > 0
-        ask(f"Is there {cls.with_article()}?", "yes" if yes else "no", f"图中有{cls.zh}吗？", "有" if yes else "没有")
+        ask("presence", f"Is there {cls.with_article()}?", "yes" if yes else "no",
+            f"图中有{cls.zh}吗？", "有" if yes else "没有")
     colour = scene.background.colour
-    ask("What colour is the background?", colour, "背景是什么颜色？", COLOURS[colour][0])
+    ask("background", "What colour is the background?", colour, "背景是什么颜色？", COLOURS[colour][0])
     for a, direction, b in _neighbours(scene):
         subject = scene.objects[a]
         if scene.count(subject.name) != 1:
             continue
         other = scene.objects[b].cls
         ask(
-            f"What is {_DIRECTION_EN[direction]} the {subject.name}?", other.name,
+            "neighbour", f"What is {_DIRECTION_EN[direction]} the {subject.name}?", other.name,
             f"{subject.cls.zh}的{_DIRECTION_ZH[direction]}是什么？", other.zh,
         )  # fmt: skip
     for i in scene.entities:
@@ -591,11 +593,11 @@ def vqa(scene: Scene, rng: random.Random) -> list[Task]:
         if obj.cls.wearer:
             worn = scene.objects[obj.wearing].cls if obj.wearing is not None else None
             ask(
-                f"What is the {obj.name} wearing?", worn.name if worn else "nothing",
+                "wearing", f"What is the {obj.name} wearing?", worn.name if worn else "nothing",
                 f"{obj.cls.zh}戴着什么？", worn.zh if worn else "没有",
             )  # fmt: skip
         size_zh = "大" if obj.size == "big" else "小"
-        ask(f"Is the {obj.name} big or small?", obj.size, f"{obj.cls.zh}是大还是小？", size_zh)
+        ask("size", f"Is the {obj.name} big or small?", obj.size, f"{obj.cls.zh}是大还是小？", size_zh)
     return tasks
 
 

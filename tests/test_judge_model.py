@@ -107,4 +107,27 @@ def test_grounding_misses_are_told_apart():
     replies = true_boxes[:3] + ["no idea"] * 3
     result = evaluate_understanding("ground", lambda images, questions, limit: replies, 6)
     assert result.value == 0.5
-    assert result.details == {"another object's box share": 0.0, "loose box share": 0.0, "no box share": 0.5}
+    shares = {key: value for key, value in result.details.items() if key.endswith("share")}
+    assert shares == {"another object's box share": 0.0, "loose box share": 0.0, "no box share": 0.5}
+    region = [s.count(s.objects[t.target].name) > 1 for s, t in items]  # the slow way, item by item
+    expected = {}
+    for name, wanted in (("class-only Acc", False), ("with-region Acc", True)):
+        hits = [index < 3 for index, flag in enumerate(region) if flag == wanted]
+        if hits:
+            expected[f"{name} ({len(hits)})"] = sum(hits) / len(hits)
+    assert {key: value for key, value in result.details.items() if "Acc" in key} == expected
+
+
+def test_vqa_accuracy_is_told_apart_by_topic():
+    from multimodal.evaluation import eval_tasks, evaluate_understanding
+
+    items = eval_tasks("vqa", 12)
+    assert all(task.topic for _, task in items)
+    replies = [task.answer if task.topic in ("count", "presence") else "zebra" for _, task in items]
+    result = evaluate_understanding("vqa", lambda images, questions, limit: replies, 12)
+    topics = sorted({task.topic for _, task in items})
+    assert len(topics) >= 3
+    for topic in topics:
+        n = sum(task.topic == topic for _, task in items)
+        assert result.details[f"{topic} Acc ({n})"] == (1.0 if topic in ("count", "presence") else 0.0)
+    assert result.value == sum(task.topic in ("count", "presence") for _, task in items) / 12
