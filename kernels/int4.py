@@ -12,6 +12,8 @@ reads the canonical format directly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # torch's CPU packing interleaves rows in tiles of 32, with one tile of 16 allowed at the end.
@@ -45,8 +47,26 @@ def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 
 
 def cpu_int4pack_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """Shapes torch's fused CPU int4 kernel accepts; others take the reference path."""
-    return out_features % CPU_ROW_MULTIPLE == 0 and in_features % group_size == 0
+    """Shapes torch's fused CPU int4 kernel accepts, on a machine where its tile layout is the one described in
+    `from_cpu_int4pack`; everything else takes the reference path."""
+    return out_features % CPU_ROW_MULTIPLE == 0 and in_features % group_size == 0 and cpu_int4pack_layout_known()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int4pack_layout_known() -> bool:
+    """torch picks its CPU int4 layout by instruction set (AVX2 and AVX-512 builds tile differently), so check once
+    per process, on random weights, that the conversion round-trips and the fused kernel matches the reference."""
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (48, 32), dtype=torch.uint8, generator=generator)  # N 48 (a 32 tile + 16), K 64
+    scales_and_zeros = torch.rand(2, 48, 2, generator=generator)  # group size 32
+    x = torch.randn(3, 64, generator=generator)
+    try:
+        cpu_packed = to_cpu_int4pack(packed)
+        fused = int4_matmul_cpu(x, cpu_packed, scales_and_zeros, 32)
+    except RuntimeError:
+        return False
+    return torch.equal(from_cpu_int4pack(cpu_packed), packed) and torch.allclose(
+        fused, int4_matmul_ref(x, packed, scales_and_zeros, 32), rtol=1e-3, atol=1e-3)
 
 
 def to_cpu_int4pack(packed: torch.Tensor) -> torch.Tensor:

@@ -118,6 +118,10 @@ def test_output_layer_is_quantized_unless_excluded():
 
 
 def test_int4_runtime_layout_on_cpu_and_canonical_state_dict():
+    from kernels.int4 import cpu_int4pack_layout_known
+
+    if not cpu_int4pack_layout_known():
+        pytest.skip("this machine's torch tiles int4 weights in another layout; the reference path runs instead")
     linear = nn.Linear(64, 48, bias=True)
     module = quantize_linear(linear, QuantSpec("int4", 32))
     assert module.layout == CPU_TILED
