@@ -5,8 +5,9 @@ Backends:
 - "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "auto": Triton on CUDA when Triton is installed, the fused kernel on CPU when the shape allows it, otherwise the
-  reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16; int8 in bfloat16: K not a multiple
-  of 8) silently takes the reference path, so no model crashes on an odd projection; it is only slower there.
+  reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does not
+  know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd projection;
+  it is only slower there.
   Forcing "cpu" on such a shape is a ValueError.
 
 The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The bias is not handled here:
@@ -48,12 +49,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
     if backend == "auto":
         if x.is_cuda and triton_available():
             backend = "triton"
-        elif x.device.type == "cpu" and cpu_int8pack_supported(in_features, x.dtype):
+        elif x.device.type == "cpu" and cpu_int8pack_supported(in_features):
             backend = "cpu"
         else:
             backend = "reference"
-    if backend == "cpu" and not cpu_int8pack_supported(in_features, x.dtype):
-        raise ValueError(f"The fused CPU int8 kernel needs in_features divisible by 8 in bfloat16; got {in_features}.")
+    if backend == "cpu" and not cpu_int8pack_supported(in_features):
+        raise ValueError(f"The fused CPU int8 kernel needs in_features divisible by 16; got {in_features}.")
     flat = x.reshape(-1, in_features)  # [M, K]
     if backend == "triton":
         from kernels.triton_int8 import int8_matmul_triton

@@ -21,10 +21,11 @@ def int8_matmul_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     return (x.to(torch.float32) @ dequantize_int8(weight, scales).T).to(x.dtype)
 
 
-def cpu_int8pack_supported(in_features: int, dtype: torch.dtype) -> bool:
+def cpu_int8pack_supported(in_features: int) -> bool:
     """Shapes torch's fused CPU int8 kernel handles; others take the reference path."""
-    # Its bfloat16 kernel reads K in vectors of 8 and crashes (segfault) on a remainder.
-    return dtype != torch.bfloat16 or in_features % 8 == 0
+    # It reads K in whole vectors and crashes (segfault) on a remainder: vectors of 8 in its AVX2 bfloat16 build, of
+    # 16 for every dtype in its AVX-512 build, so K must be a multiple of 16.
+    return in_features % 16 == 0
 
 
 def int8_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
