@@ -632,16 +632,16 @@ def scene_tasks(scene: Scene) -> list[Task]:
 
 
 @functools.lru_cache(maxsize=2)
-def _name_pattern(lang: str) -> re.Pattern:
-    names = sorted((c.name if lang == "en" else c.zh for c in VOCABULARY), key=len, reverse=True)
-    alternation = "|".join(re.escape(n) for n in names)
+def _name_forms(lang: str) -> tuple[re.Pattern, dict[str, str]]:
+    """A pattern of every way a class is written (English singular and plural, Chinese) and the class of each."""
+    forms = {form: c.name for c in VOCABULARY for form in ((c.name, c.plural) if lang == "en" else (c.zh,))}
+    alternation = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
     # English names are whole words; Chinese has no spaces, so the longest name wins at each position.
-    return re.compile(rf"\b(?:{alternation})\b" if lang == "en" else alternation)
+    return re.compile(rf"\b(?:{alternation})\b" if lang == "en" else alternation), forms
 
 
 def mentioned_classes(text: str, lang: str) -> set[str]:
-    """English class names mentioned in a caption (in either language), longest name first ("sunglasses" is not
-    also "glasses", "熊猫" is not also "熊")."""
-    by_zh = {c.zh: c.name for c in VOCABULARY}
-    found = _name_pattern(lang).findall(text.lower() if lang == "en" else text)
-    return {name if lang == "en" else by_zh[name] for name in found}
+    """English class names mentioned in a text (in either language; "dogs" counts as "dog"), longest name first
+    ("sunglasses" is not also "glasses", "熊猫" is not also "熊")."""
+    pattern, forms = _name_forms(lang)
+    return {forms[found] for found in pattern.findall(text.lower() if lang == "en" else text)}

@@ -114,6 +114,12 @@ def test_captions_name_exactly_the_scene_objects(seeds):
         assert mentioned_classes(tasks["caption", "zh"], "zh") == names
 
 
+def test_plural_names_count_as_their_class():
+    assert mentioned_classes("How many butterflies, glasses and sunglasses are there?", "en") == {
+        "butterfly", "glasses", "sunglasses"}
+    assert mentioned_classes("Two buses and a sunflowers field", "en") == {"bus", "sunflower"}
+
+
 def test_grounded_answers_parse_back_to_the_boxes(seeds):
     for seed in seeds:
         scene = make_scene(seed)

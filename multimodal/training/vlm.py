@@ -25,10 +25,8 @@ proves they agree. Each stage is its own run folder (`<out>/language`, `<out>/to
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from torch import nn
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
 from multimodal.training.loop import Run, Schedule, TrainScenes, train
-from multimodal.world import CLASSES, COLOURS, Scene, Task, scene_tasks
+from multimodal.world import CLASSES, COLOURS, Scene, Task, mentioned_classes, scene_tasks
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel, VLMConfig, route_experts
@@ -210,11 +208,8 @@ def question_class(scene: Scene, task: Task) -> str | None:
         return scene.objects[task.target].name
     if task.kind != "vqa":
         return None
-    named = set(_class_pattern(task.lang).findall(task.prompt.lower()))
-    if len(named) != 1:
-        return None
-    by_form = {form: c.name for c in CLASSES.values() for form in (c.name, c.plural, c.zh)}
-    return by_form[named.pop()]
+    named = mentioned_classes(task.prompt, task.lang)
+    return named.pop() if len(named) == 1 else None
 
 
 def lookup_cells(scene: Scene, task: Task, grid: int) -> list[int]:
@@ -234,8 +229,8 @@ def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[i
     that predicts the first answer token; rows without a class do not count. None when no row has one.
 
     The lookup can only match what that position's query holds, and the frozen text-encoder layers were trained on
-    text alone, where the class asked about hardly changes the answer: at the vision stage's start it is linearly
-    readable there in about half the questions. This asks the trainable layer below to gather it."""
+    text alone, where the class asked about hardly changes the answer, so they have no reason to carry it there.
+    This asks the trainable layer below to gather it."""
     rows = [row for row, name in enumerate(names) if name is not None]
     if not rows:
         return None
@@ -245,25 +240,16 @@ def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[i
     return F.cross_entropy(classifier(queries), targets)
 
 
-@functools.lru_cache(maxsize=2)
-def _class_pattern(lang: str) -> re.Pattern:
-    """Class names as questions write them (English singular or plural, Chinese), longest first ("sunglasses" is not
-    also "glasses", "熊猫" is not also "熊")."""
-    forms = [form for c in CLASSES.values() for form in ((c.name, c.plural) if lang == "en" else (c.zh,))]
-    alternation = "|".join(re.escape(form) for form in sorted(forms, key=len, reverse=True))
-    return re.compile(rf"\b(?:{alternation})\b" if lang == "en" else alternation)
-
-
 def lookup_loss(model: VisionLanguageModel, layer_input: torch.Tensor, inputs, lengths: list[int],
-                cells: list[list[int]]) -> torch.Tensor:
+                cells: list[list[int]]) -> torch.Tensor | None:
     """-log of the attention that `lookup_attention`'s heads pay, from each position that predicts an answer token,
     to the image tokens of the row's `lookup_cells` (the tokens the detection head teaches to carry those objects'
     boxes); rows without cells do not count. None when no row has cells.
 
-    The answer loss alone teaches the region words ("the dog on the left": 0.97 right) long before the class words
-    ("the dog": 0.56, about chance among the scene's objects; "Is there a dog?": 0.54), since finding an object by
-    what it is takes a content match between the question and the image tokens; this hands that match to a few
-    heads directly, as supervised attention does. lengths are the answer lengths that end each row.
+    The answer loss alone teaches the region words ("the dog on the left") long before the class words ("the dog",
+    "Is there a dog?"; see `multimodal eval ground|vqa`'s breakdowns), since finding an object by what it is takes
+    a content match between the question and the image tokens; this hands that match to a few heads directly, as
+    supervised attention does. lengths are the answer lengths that end each row.
     """
     probs = lookup_attention(model, layer_input, inputs)
     length = layer_input.shape[1]
@@ -320,7 +306,7 @@ def train_vlm(
     if init is None:
         model, head = _language_and_tower(out_dir, tokenizer, seed, language_steps, tower_steps, batch_size, lr,
                                           scenes)
-        model, config = grow(model, model.vlm_config, GROWN_LAYERS)
+        model, _ = grow(model, model.vlm_config, GROWN_LAYERS)
         # The vision expert of every layer starts as a copy of its language expert, as CogVLM does.
         for layer in model.layers:
             layer.attn.vision_qkv.load_state_dict(layer.attn.qkv.state_dict())
@@ -328,10 +314,10 @@ def train_vlm(
             layer.vision_mlp.load_state_dict(layer.mlp.state_dict())
     else:
         model = load_vlm(init)
-        config = model.vlm_config
-        if config.text.text_encoder_layers is None or config.text.vocab_size != tokenizer.vocab_size:
+        text = model.vlm_config.text
+        if text.text_encoder_layers is None or text.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{init} is not a grown world VLM for this tokenizer; train one from scratch first.")
-        head = PatchDetectionHead(config.vision.width)
+        head = PatchDetectionHead(model.vlm_config.vision.width)
     return _vision_stage(out_dir, model, head, tokenizer, seed, steps, batch_size, lr, scenes, minutes,
                          {"init": str(init)} if init is not None else {})
 
