@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-# torch's CPU packing interleaves rows in tiles of 32, with one tile of 16 allowed at the end.
+# torch's CPU packing interleaves rows in tiles of 32 or 64; the rows after the last full tile are a multiple of 16.
 CPU_ROW_MULTIPLE = 16
 
 
@@ -47,18 +47,36 @@ def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: tor
 
 
 def cpu_int4pack_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """Shapes torch's fused CPU int4 kernel accepts, on a machine where its tile layout is the one described in
-    `from_cpu_int4pack`; everything else takes the reference path."""
+    """Shapes torch's fused CPU int4 kernel accepts, on a machine whose tile layout `cpu_int4pack_block` recognises;
+    everything else takes the reference path."""
     return out_features % CPU_ROW_MULTIPLE == 0 and in_features % group_size == 0 and cpu_int4pack_layout_known()
 
 
 @functools.lru_cache(maxsize=1)
+def cpu_int4pack_block() -> int | None:
+    """The row tile of torch's CPU int4 layout on this machine: 64 where torch runs its AVX-512 kernels, 32 on AVX2
+    (torch picks by instruction set at run time); None for a layout neither (the reference path then runs).
+
+    Found by packing each row's index // 16: in a full tile of B rows, byte 0 holds row 0 and row B / 2."""
+    rows = torch.arange(128, dtype=torch.int32)[:, None].expand(128, 8) // 16  # [128, 8], values 0..7
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 2)
+    except RuntimeError:
+        return None
+    low, high = int(packed[0, 0]) & 15, int(packed[0, 0]) >> 4
+    return {1: 32, 2: 64}.get(high) if low == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
 def cpu_int4pack_layout_known() -> bool:
-    """torch picks its CPU int4 layout by instruction set (AVX2 and AVX-512 builds tile differently), so check once
-    per process, on random weights, that the conversion round-trips and the fused kernel matches the reference."""
+    """Check once per process, on random weights, that the conversion round-trips through `from_cpu_int4pack` and
+    the fused kernel matches the reference, with full tiles and a tail of 16 rows."""
+    if cpu_int4pack_block() is None:
+        return False
     generator = torch.Generator().manual_seed(0)
-    packed = torch.randint(0, 256, (48, 32), dtype=torch.uint8, generator=generator)  # N 48 (a 32 tile + 16), K 64
-    scales_and_zeros = torch.rand(2, 48, 2, generator=generator)  # group size 32
+    rows = cpu_int4pack_block() + 16
+    packed = torch.randint(0, 256, (rows, 32), dtype=torch.uint8, generator=generator)  # K 64
+    scales_and_zeros = torch.rand(2, rows, 2, generator=generator)  # group size 32
     x = torch.randn(3, 64, generator=generator)
     try:
         cpu_packed = to_cpu_int4pack(packed)
@@ -70,28 +88,33 @@ def cpu_int4pack_layout_known() -> bool:
 
 
 def to_cpu_int4pack(packed: torch.Tensor) -> torch.Tensor:
-    """Canonical uint8 [N, K / 2] -> torch's CPU tile layout, uint8 [N, K / 2]."""
+    """Canonical uint8 [N, K / 2] -> torch's CPU tile layout for this machine, uint8 [N, K / 2]."""
     # The CPU op ignores inner_k_tiles (a CUDA tiling parameter) but still takes it.
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 2)
 
 
-def from_cpu_int4pack(cpu_packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_cpu_int4pack`.
+def from_cpu_int4pack(cpu_packed: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Inverse of `to_cpu_int4pack` (block: the row tile, `cpu_int4pack_block()` by default).
 
-    torch's layout: rows go in tiles of 32; inside a tile, byte k * 16 + i holds row i in its low nibble and row
-    16 + i in its high nibble. A last tile of 16 rows instead holds rows 2i and 2i + 1 in byte k * 8 + i.
+    torch's layout: rows go in tiles of B (32 on AVX2, 64 on AVX-512); inside a tile, byte k * B/2 + i holds row i
+    in its low nibble and row B/2 + i in its high nibble. The rows past the last full tile (a multiple of 16) instead
+    hold rows 2i and 2i + 1 in byte k * R/2 + i, R the number of those rows.
     """
+    block = block or cpu_int4pack_block()
+    if block is None:
+        raise RuntimeError("torch's CPU int4 layout on this machine is not one this suite knows.")
     rows, half_k = cpu_packed.shape
     in_features = 2 * half_k
-    full_rows = rows // 32 * 32
+    full_rows = rows // block * block
     parts = []
     if full_rows:
-        tiles = cpu_packed[:full_rows].reshape(full_rows // 32, in_features, 16)  # [T, K, 16]
-        values = torch.cat([tiles & 0xF, tiles >> 4], dim=2)  # [T, K, 32]
+        tiles = cpu_packed[:full_rows].reshape(full_rows // block, in_features, block // 2)  # [T, K, B/2]
+        values = torch.cat([tiles & 0xF, tiles >> 4], dim=2)  # [T, K, B]
         parts.append(values.transpose(1, 2).reshape(full_rows, in_features))
     if rows > full_rows:
-        tail = cpu_packed[full_rows:].reshape(in_features, 8)  # [K, 8]
-        values = torch.stack([tail & 0xF, tail >> 4], dim=2).reshape(in_features, 16)  # [K, 16]
+        tail_rows = rows - full_rows
+        tail = cpu_packed[full_rows:].reshape(in_features, tail_rows // 2)  # [K, R/2]
+        values = torch.stack([tail & 0xF, tail >> 4], dim=2).reshape(in_features, tail_rows)  # [K, R]
         parts.append(values.T)
     return pack_int4(torch.cat(parts))
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+# torch's fused CPU kernel reads K in whole vectors (see `cpu_int8pack_supported`); `Int8WeightOnlyLinear` pads to it.
+INT8_CPU_K_MULTIPLE = 16
+
 
 def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int8 [N, K] and scales [N] -> float [N, K]."""
@@ -25,7 +28,7 @@ def cpu_int8pack_supported(in_features: int) -> bool:
     """Shapes torch's fused CPU int8 kernel handles; others take the reference path."""
     # It reads K in whole vectors and crashes (segfault) on a remainder: vectors of 8 in its AVX2 bfloat16 build, of
     # 16 for every dtype in its AVX-512 build, so K must be a multiple of 16.
-    return in_features % 16 == 0
+    return in_features % INT8_CPU_K_MULTIPLE == 0
 
 
 def int8_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

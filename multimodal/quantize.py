@@ -30,10 +30,12 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import BACKENDS, CANONICAL, CPU_TILED, int4_linear, int8_linear
 from kernels.int4 import cpu_int4pack_supported, from_cpu_int4pack, pack_int4, to_cpu_int4pack
+from kernels.int8 import INT8_CPU_K_MULTIPLE, cpu_int8pack_supported
 from multimodal.checkpoint import CheckpointError, load_into, save_native
 
 QUANT_FORMAT_VERSION = 1
@@ -128,22 +130,67 @@ def check_group_size(in_features: int, group_size: int, name: str) -> None:
 
 
 class Int8WeightOnlyLinear(nn.Module):
-    """A Linear with int8 weights [N, K] and per-output-channel scales [N]; the bias (if any) stays in float."""
+    """A Linear with int8 weights [N, K] and per-output-channel scales [N]; the bias (if any) stays in float.
+
+    The state dict always holds [N, K]. On the CPU, a K that is not a multiple of 16 (which torch's fused kernel
+    cannot read) is padded once with zero columns, and the input with zeros per call, so every width takes the
+    fused kernel; the padding never reaches a checkpoint.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.backend = "auto"  # see kernels.dispatch; tests force a path with `set_backend`
+        self.padded = False
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_state_dict_post_hook(_int8_state_dict_unpadded)
+        self.register_load_state_dict_pre_hook(_int8_unpad_before_load)
+        self.register_load_state_dict_post_hook(_reset_after_load)
+
+    def reset_buffers(self) -> None:
+        """Pad the weight where the device's fused kernel needs it (`load_into` calls this)."""
+        if self.weight.is_meta:
+            return
+        wanted = self.weight.device.type == "cpu" and not cpu_int8pack_supported(self.in_features)
+        if wanted and not self.padded:
+            width = -(-self.in_features // INT8_CPU_K_MULTIPLE) * INT8_CPU_K_MULTIPLE
+            self.weight = F.pad(self.weight, (0, width - self.in_features))  # [N, K padded]
+        elif self.padded and not wanted:
+            self.weight = self.weight[:, : self.in_features].contiguous()
+        self.padded = wanted
+
+    def _apply(self, fn, recurse=True):
+        # A move to another device goes through the unpadded weight; the new device then pads if it needs to.
+        if self.padded:
+            self.weight, self.padded = self.weight[:, : self.in_features].contiguous(), False
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded:
+            x = F.pad(x, (0, self.weight.shape[1] - self.in_features))  # [..., K padded]
         out = int8_linear(x, self.weight, self.scales, self.backend)  # [..., N]
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _int8_state_dict_unpadded(module, state_dict, prefix, local_metadata) -> None:
+    if module.padded:
+        state_dict[prefix + "weight"] = module.weight[:, : module.in_features].contiguous()
+
+
+def _int8_unpad_before_load(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    if module.padded and prefix + "weight" in state_dict:
+        module.weight, module.padded = module.weight[:, : module.in_features].contiguous(), False
+
+
+def _reset_after_load(module, incompatible_keys) -> None:
+    module.reset_buffers()
 
 
 class Int4WeightOnlyLinear(nn.Module):
@@ -169,7 +216,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.register_state_dict_post_hook(_int4_state_dict_in_canonical_layout)
         self.register_load_state_dict_pre_hook(_int4_incoming_weight_is_canonical)
-        self.register_load_state_dict_post_hook(_int4_repack_after_load)
+        self.register_load_state_dict_post_hook(_reset_after_load)
 
     def reset_buffers(self) -> None:
         """Put the weight in the layout of the fastest kernel for its device (`load_into` calls this)."""
@@ -210,10 +257,6 @@ def _int4_incoming_weight_is_canonical(module, state_dict, prefix, local_metadat
         module.layout = CANONICAL
 
 
-def _int4_repack_after_load(module, incompatible_keys) -> None:
-    module.reset_buffers()
-
-
 QUANTIZED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear)
 
 
@@ -234,8 +277,7 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec, name: str = "linear") ->
         setattr(module, key, value.to(linear.weight.device))
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.detach().clone())
-    if isinstance(module, Int4WeightOnlyLinear):
-        module.reset_buffers()
+    module.reset_buffers()
     return module
 
 

@@ -29,7 +29,7 @@ def _random_int8(out_features, in_features, generator):
     return weight, scales
 
 
-# torch tiles int4 weights for its CPU kernel by instruction set; the inverse written here is the AVX2 one.
+# torch tiles int4 weights for its CPU kernel by instruction set; the suite knows the AVX2 and AVX-512 tilings.
 known_int4_layout = pytest.mark.skipif(not cpu_int4pack_layout_known(),
                                        reason="this machine's torch tiles int4 weights in another layout")
 

@@ -22,10 +22,13 @@ def test_weight_bytes_counts_one_embedding_row_per_token():
 
 def test_bench_quant_prints_a_row_per_variant(capsys):
     assert main(["bench", "quant", "--preset", "tiny-glm4", "--group-size", "32", "--dtype", "float32",
-                 "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1"]) == 0
+                 "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--bandwidth-mb", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]] for line in lines[3:]}
+    assert lines[1].startswith("measured read bandwidth:")
+    rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]] for line in lines[4:]}
     assert list(rows) == ["float", "int8", "int4 g32"]
     read_share = {name: float(cells[2].rstrip("%")) for name, cells in rows.items()}  # read/token vs float
     assert read_share["int4 g32"] < read_share["int8"] < read_share["float"] == 100.0
-    assert float(rows["float"][5]) == 0.0 and float(rows["int8"][5]) > 0.0
+    assert float(rows["float"][7]) == 0.0 and float(rows["int8"][7]) > 0.0
+    for cells in rows.values():  # GB/s read = read/token x steps/s, and its share of the measured bandwidth
+        assert float(cells[5]) > 0 and 0 < float(cells[6].rstrip("%"))

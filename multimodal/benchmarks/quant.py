@@ -7,6 +7,8 @@ kernel path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
   the variants taking turns so that load from other processes is shared fairly;
+- GB/s and % floor: read/token x tok/s, and that against the read bandwidth measured in the same run (batch 1
+  decode cannot beat it; see `_bandwidth.py`);
 - logits rel. err: relative L2 distance of the prompt's logits from the float model's.
 """
 
@@ -21,6 +23,7 @@ from torch import nn
 
 from glm.generate import SamplingConfig, generate
 from glm.model import GLMConfig, GLMModel, param_count
+from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
 from multimodal.quantize import GROUP_SIZES, QuantSpec, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
     parser.set_defaults(func=run)
 
 
@@ -92,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"greedy, best of {args.repeats}; excluded from quantization: {', '.join(args.exclude) or 'nothing'}")
+    bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
+    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'variant':<9} | {'weights MB':>10} | {'read/token MB':>13} | {'vs float':>8} | {'decode tok/s':>12} | "
-              f"{'vs float':>8} | {'logits rel. err':>15}")
+              f"{'vs float':>8} | {'GB/s':>6} | {'% floor':>7} | {'logits rel. err':>15}")
     rows = [header, "-" * len(header)]
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
@@ -106,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
             if name == "float":
                 float_read, float_speed = read, speeds[name]
+            achieved, percent = floor_columns(read, speeds[name] / args.batch_size, bandwidth)
             rows.append(f"{name:<9} | {stored / 1e6:>10.1f} | {read / 1e6:>13.1f} | {read / float_read:>7.1%} | "
-                        f"{speeds[name]:>12.2f} | {speeds[name] / float_speed:>7.2f}x | {error:>15.4f}")
+                        f"{speeds[name]:>12.2f} | {speeds[name] / float_speed:>7.2f}x | {achieved:>6.1f} | "
+                        f"{percent:>6.1f}% | {error:>15.4f}")
     print("\n".join(rows))
     return 0
