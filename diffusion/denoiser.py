@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention
 from multimodal.checkpoint import KeyTable, Rule
 
 
@@ -201,7 +202,7 @@ class JointAttention(nn.Module):
         # Rotary positions apply to image tokens only; text tokens carry no position here.
         q = torch.cat([q[:, :, :text_len], apply_rotary(q[:, :, text_len:], cos, sin)], dim=2)
         k = torch.cat([k[:, :, :text_len], apply_rotary(k[:, :, text_len:], cos, sin)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, heads, T+N, head_dim]
+        out = attention(q, k, v, attn_mask=key_mask)  # [B, heads, T+N, head_dim]
         out = self.out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
         return out[:, :text_len], out[:, text_len:]
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention as dispatch_attention
+
 
 @dataclass(frozen=True)
 class GLMConfig:
@@ -217,12 +219,12 @@ def attention(
         q = q.view(batch, num_groups, num_heads // num_groups, head_dim)  # [B, G, H/G, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, 0:1] if mask is not None else None)
     elif mask is None and k.shape[2] == num_new:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = dispatch_attention(q, k, v, is_causal=True)
     else:
         if mask is None:  # plain causality with an offset (chunked prefill)
             mask = attention_mask_for(torch.ones(batch, k.shape[2], dtype=torch.bool, device=q.device),
                                       cache_start, num_new)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = dispatch_attention(q, k, v, attn_mask=mask)
     return out.reshape(batch, num_heads, num_new, head_dim).transpose(1, 2).reshape(batch, num_new, -1)
 
 

@@ -52,7 +52,9 @@ class ObjectClass:
 
     @property
     def plural(self) -> str:
-        if self.name.endswith("s"):
+        if self.name in IRREGULAR_PLURALS:
+            return IRREGULAR_PLURALS[self.name]
+        if self.name.endswith(("s", "x", "sh", "ch")):
             return self.name + "es"
         if self.name.endswith("y") and self.name[-2] not in "aeiou":
             return self.name[:-1] + "ies"
@@ -65,7 +67,13 @@ class ObjectClass:
     def with_article(self) -> str:
         if self.name.endswith("glasses"):
             return self.name  # "wearing sunglasses", no article
-        return ("an " if self.name[0] in "aeiou" else "a ") + self.name
+        return _with_article_word(self.name)
+
+
+# English plurals no suffix rule gives; "glasses" names one thing and is its own plural.
+IRREGULAR_PLURALS = {"mouse": "mice", "fish": "fish", "glasses": "glasses", "sunglasses": "sunglasses"}
+# Words whose first letter is a vowel but whose first sound is not (or the other way round).
+CONSONANT_SOUND = ("uni", "use", "euro", "one")
 
 
 def _animal(name, zh, emoji, measure="只", wearer=True):
@@ -186,6 +194,10 @@ def split_seeds(split: str, count: int | None = None, offset: int = 0) -> range:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes
+
+
+# Bump whenever a change here alters a scene or its rendering for a given seed: it keys the training caches.
+WORLD_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -477,9 +489,11 @@ def _en_entity(scene: Scene, index: int, boxes: bool = False, verb: str = "weari
 
 
 def _with_article_word(word: str) -> str:
+    """ "a" or "an" by the word's first sound: an apple, a unicorn; no article for "glasses"."""
     if word.endswith("glasses"):
         return word
-    return ("an " if word[0] in "aeiou" else "a ") + word
+    vowel_sound = word[0] in "aeiou" and not word.startswith(CONSONANT_SOUND)
+    return ("an " if vowel_sound else "a ") + word
 
 
 def _en_region(region: str) -> str:

@@ -24,6 +24,15 @@ def _few_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _scene_cache(tmp_path_factory):
+    # Training caches of the tests go to a folder of their own, never the user's cache.
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MULTIMODAL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def generator() -> torch.Generator:
     """A seeded generator so every test draws fresh but reproducible random inputs."""

@@ -103,13 +103,8 @@ def test_patchify_round_trip_and_fresh_model_is_adaln_zero():
 def test_flop_count_matches_torch_flop_counter(monkeypatch, pooled_text):
     from torch.utils.flop_counter import FlopCounterMode
 
-    def explicit_attention(q, k, v, attn_mask=None):  # matmuls the counter can see (it does not count CPU SDPA)
-        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", explicit_attention)
+    # The explicit attention path is matmuls the counter can see (it does not count CPU SDPA).
+    monkeypatch.setattr("kernels.attention.use_explicit", lambda q, k: True)
     model = DiT(dit_config("tiny", patch_size=2, num_layers=3, pooled_text=pooled_text))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, 8, 12), torch.tensor([3.0]), torch.randn(1, 5, 16))

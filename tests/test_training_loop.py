@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multimodal.assets import load_world_tokenizer
-from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.loop import Run, Runtime, Schedule, TrainScenes, train
 from multimodal.training.tokenizer import GLM_SPECIAL_TOKENS
 from multimodal.world import SPLITS, make_scene, scene_tasks, split_seeds
 
@@ -29,7 +29,7 @@ class Interrupted(Exception):
 
 
 def _fit(run_dir, total: int, interrupt_at: int | None = None, ema_decay: float | None = None,
-         history: list | None = None) -> dict:
+         history: list | None = None, runtime: Runtime = Runtime()) -> dict:
     """Train a small regression for `total` steps; with `interrupt_at`, the process "dies" at that step and a
     fresh process (new model, new optimizer) resumes from the run folder. `history` collects the weights after
     every step."""
@@ -51,7 +51,7 @@ def _fit(run_dir, total: int, interrupt_at: int | None = None, ema_decay: float 
             return ((model(x) - target(x).detach()) ** 2).mean()
 
         train(Run(run_dir, "test", {}), model, optimizer, Schedule(total, 1e-2, warmup=3), step_loss, save_every=2,
-              log_every=1000, ema_decay=ema_decay)
+              log_every=1000, ema_decay=ema_decay, runtime=runtime)
         if history is not None:
             history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
@@ -63,9 +63,10 @@ def _fit(run_dir, total: int, interrupt_at: int | None = None, ema_decay: float 
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    straight = _fit(tmp_path / "straight", 9)
-    resumed = _fit(tmp_path / "resumed", 9, interrupt_at=4)
+@pytest.mark.parametrize("runtime", [Runtime(), Runtime("cpu", torch.bfloat16)], ids=["float32", "bf16"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, runtime):
+    straight = _fit(tmp_path / "straight", 9, runtime=runtime)
+    resumed = _fit(tmp_path / "resumed", 9, interrupt_at=4, runtime=runtime)
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)

@@ -12,6 +12,7 @@ from multimodal.assets import load_world_tokenizer
 from multimodal.training.vlm import (
     GROWN_LAYERS,
     MIN_SPREAD,
+    RECIPE,
     PatchDetectionHead,
     answer_rows,
     grow,
@@ -32,11 +33,13 @@ from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
 
+VLM_LOOP = RECIPE.settings("fast", batch_size=2)
+
 
 def test_vision_stage_keeps_the_text_encoder_and_trains_the_rest(tmp_path):
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
-    train_vlm(tmp_path, tokenizer, steps=2, language_steps=2, tower_steps=2, batch_size=2, scenes=6)
+    train_vlm(tmp_path, tokenizer, steps=2, language_steps=2, tower_steps=2, settings=VLM_LOOP, scenes=6)
     language = load_vlm(tmp_path / "language" / "model")
     vision = load_vlm(tmp_path / "model")
     assert text_encoder_fingerprint(language) == text_encoder_fingerprint(vision)
@@ -103,7 +106,7 @@ def test_spread_loss_is_zero_for_varied_images_and_positive_for_a_constant_prefi
 def test_the_detection_heads_live_in_the_trainer_state_not_the_model(tmp_path):
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
-    train_vlm(tmp_path, tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    train_vlm(tmp_path, tokenizer, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     model = load_vlm(tmp_path / "model")
     tower = PatchDetectionHead(model.vision.width)
     tower.load_state_dict(torch.load(tmp_path / "tower" / "trainer.pt", weights_only=True)["extra"])  # strict
@@ -120,16 +123,17 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
 
     from diffusion.pipeline import load_relay_pipeline
     from multimodal.checkpoint import NATIVE_WEIGHTS, read_state_dict
-    from multimodal.training.diffusion import train_diffusion
+    from multimodal.training import diffusion, judge
     from multimodal.training.export import export_suite
-    from multimodal.training.judge import train_judge
 
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
     runs = tmp_path / "runs"
-    train_vlm(runs / "vlm", tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
-    train_diffusion(runs / "diffusion", tokenizer, runs / "vlm", steps=3, batch_size=2, scenes=4)
-    train_judge(runs / "judge", tokenizer, steps=1, batch_size=2, scenes=4)
+    train_vlm(runs / "vlm", tokenizer, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
+    diffusion.train_diffusion(runs / "diffusion", tokenizer, runs / "vlm", steps=3, scenes=4,
+                              settings=diffusion.RECIPE.settings("fast", batch_size=2))
+    judge.train_judge(runs / "judge", tokenizer, steps=1, scenes=4,
+                      settings=judge.RECIPE.settings("fast", batch_size=2))
     tokenizer_file = tokenizer.save(tmp_path / "tokenizer.json")
 
     suite = export_suite(runs, tokenizer_file, tmp_path / "suite")
@@ -144,13 +148,13 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
 
     # A VLM trained further replaces the suite's alone; one from another seed has another text encoder.
     more = tmp_path / "more"
-    train_vlm(more / "vlm", tokenizer, steps=2, batch_size=2, scenes=4, init=runs / "vlm" / "model")
+    train_vlm(more / "vlm", tokenizer, steps=2, settings=VLM_LOOP, scenes=4, init=runs / "vlm" / "model")
     export_suite(more, tokenizer_file, suite)
     torch.testing.assert_close(read_state_dict(suite / "vlm" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"],
                                read_state_dict(more / "vlm" / "model" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"])
     assert load_relay_pipeline(suite / "diffusion").base is not None
     other = tmp_path / "other"
-    train_vlm(other / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    train_vlm(other / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     with pytest.raises(ValueError, match="another text encoder"):
         export_suite(other, tokenizer_file, suite)
     with pytest.raises(FileNotFoundError, match="the diffusion and judge part"):
@@ -289,9 +293,9 @@ def test_query_loss_reads_the_class_asked_about_at_the_first_answer_prediction(g
 def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
     torch.set_num_threads(1)
     tokenizer = load_world_tokenizer()
-    train_vlm(tmp_path / "first", tokenizer, steps=1, language_steps=1, tower_steps=1, batch_size=2, scenes=4)
+    train_vlm(tmp_path / "first", tokenizer, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     first = load_vlm(tmp_path / "first" / "model")
-    train_vlm(tmp_path / "more", tokenizer, steps=2, batch_size=2, scenes=4, init=tmp_path / "first" / "model")
+    train_vlm(tmp_path / "more", tokenizer, steps=2, settings=VLM_LOOP, scenes=4, init=tmp_path / "first" / "model")
     more = load_vlm(tmp_path / "more" / "model")
     assert not (tmp_path / "more" / "language").exists() and not (tmp_path / "more" / "tower").exists()
     assert text_encoder_fingerprint(more) == text_encoder_fingerprint(first)
@@ -299,5 +303,5 @@ def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
     before, after = first.state_dict(), more.state_dict()
     assert not torch.equal(before["layers.4.attn.qkv.weight"], after["layers.4.attn.qkv.weight"])
     with pytest.raises(ValueError, match="not a grown world VLM"):
-        train_vlm(tmp_path / "bad", tokenizer, steps=1, batch_size=2, scenes=4,
+        train_vlm(tmp_path / "bad", tokenizer, steps=1, settings=VLM_LOOP, scenes=4,
                   init=tmp_path / "first" / "language" / "model")

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.attention import attention
 from multimodal.checkpoint import check_state_dict
 from multimodal.image import CLIP_MEAN, CLIP_STD
 
@@ -82,7 +83,7 @@ class ViTAttention(nn.Module):
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads)  # [B, L, 3, H, D]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+        out = attention(q, k, v)  # [B, H, L, D]
         return self.dense(out.transpose(1, 2).reshape(batch, length, width))
 
 

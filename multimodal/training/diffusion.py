@@ -9,7 +9,7 @@ Data: scenes of the drawing world (`world.DRAWING`: one or two entities) from th
 drawing prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗"); 10% of prompts are dropped to ""
 so classifier-free guidance has an unconditional model. Losses: EDM's for the base and the single-stage model,
 RDM's blurring loss with block noise for the relay model. One optimizer steps all three on the same batch; the
-export ships an exponential moving average of the weights (`EMA_DECAY`), which smooths out the noise of batch-16
+export ships an exponential moving average of the weights (`EMA_DECAY`), which smooths out the noise of small-batch
 steps.
 """
 
@@ -28,7 +28,8 @@ from diffusion.sampling import EDMDenoiser, edm_loss
 from diffusion.text_encoder import GLMTextEncoder
 from glm.tokenizer import GLMTokenizer
 from multimodal.checkpoint import NATIVE_CONFIG, read_native_config
-from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.data import CachedTextEncoder
+from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, train
 from multimodal.training.vlm import text_encoder_fingerprint
 from multimodal.world import DRAWING, scene_tasks
 from vlm.convert import load_vlm
@@ -42,6 +43,8 @@ RELAY_SAMPLING = {"relay_start_sigma": 0.3, "s_noise": 0.0}
 
 
 EMA_DECAY = 0.999
+RECIPE = LoopRecipe(base_batch=16, base_lr=5e-4, fast_batch=16)  # larger batches learned less per sample
+WARMUP_SAMPLES = 3200  # the warmup, in samples so it means the same at any batch
 # (patch size, heads of 32, layers) per stage; 64 image tokens each: 32x32 with patch 4, or 64x64 with patch 8. The
 # base stage decides what is drawn, so it gets the depth. Every stage is as wide as its patch has numbers (8x8x3 =
 # 192): a narrower token cannot express, so cannot remove, an arbitrary patch of noise. The relay and its
@@ -80,49 +83,81 @@ def draw_prompt(scene, rng: random.Random) -> str:
     return rng.choice([t.prompt for t in scene_tasks(scene) if t.kind == "draw"])
 
 
-def train_diffusion(
-    out_dir: str | Path, tokenizer: GLMTokenizer, text_encoder: str | Path | None, seed: int = 0,
-    steps: int = 3000, batch_size: int = 16, lr: float = 5e-4, scenes: int = 20000, minutes: float | None = None,
-) -> Path:  # fmt: skip
-    if text_encoder is None:
-        raise ValueError("Diffusion training needs --text-encoder: the VLM run (or checkpoint) whose GLM core it uses.")
-    torch.manual_seed(seed)
-    vlm = load_vlm(_vlm_checkpoint(Path(text_encoder)))
+def frozen_text_encoder(text_encoder: str | Path, tokenizer: GLMTokenizer, device: str = "cpu"):
+    """The VLM (frozen, on `device`) whose GLM core encodes prompts, and the encoder over it."""
+    vlm = load_vlm(_vlm_checkpoint(Path(text_encoder))).to(device)
     for param in vlm.parameters():
         param.requires_grad_(False)
-    encoder = GLMTextEncoder.from_tokenizer(vlm, tokenizer)
-    started = Path(out_dir) / "model"
-    if (started / NATIVE_CONFIG).exists():  # a run resumes with the shapes it started with
-        configs = recorded_stage_configs(read_native_config(started, KIND))
-    else:
-        configs = stage_configs(vlm.config.hidden_size)
-    stages = Stages(configs)
-    relay_config = RelayConfig()
-    optimizer = torch.optim.AdamW(stages.parameters(), lr=lr, weight_decay=0.01)
-    pool = TrainScenes(scenes, 64, DRAWING)
-    run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
-                              "relay": relay_config.to_dict(),
-                              "stages": {name: config.to_dict() for name, config in configs.items()}})
+    return vlm, GLMTextEncoder.from_tokenizer(vlm, tokenizer)
+
+
+def diffusion_step_loss(stages: Stages, encoder, pool: TrainScenes, relay_config: RelayConfig, seed: int,
+                        batch_size: int, device: str = "cpu", gap_every: int = 10):
+    """step -> (loss, components) for one batch of that step: the base, relay and single-stage losses, and every
+    `gap_every` steps the prompt gap, (base loss with the batch's prompts shuffled) / (with its own prompts) - 1 at
+    the same noise: how much the base stage uses its prompt (0: not at all)."""
     base, relay, single = (EDMDenoiser(m, relay_config.sigma_data) for m in (stages.base, stages.relay, stages.single))
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = random.Random(f"diffusion-{seed}-{step}")
         generator = torch.Generator().manual_seed(rng.randrange(2**63))
         seeds = pool.batch_seeds(rng, batch_size)
         prompts = [draw_prompt(pool.scene(s), rng) for s in seeds]
         states, mask = encoder(prompts)
-        cond = {"text": states, "text_mask": mask}
-        images = pool.images(seeds)  # [B, 3, 64, 64] in [-1, 1]
+        cond = {"text": states.to(device), "text_mask": mask.to(device)}
+        images = pool.images(seeds).to(device)  # [B, 3, 64, 64] in [-1, 1]
         small = torch.nn.functional.avg_pool2d(images, relay_config.up_scale)  # [B, 3, 32, 32]
-        losses = (
-            edm_loss(base, small, cond, generator=generator).mean()
-            + relay_loss(relay, images, relay_config.blur, cond, block_scale=relay_config.s_block,
-                         generator=generator).mean()
-            + edm_loss(single, images, cond, generator=generator).mean()
-        )  # fmt: skip
-        return losses
+        gap_seed = generator.initial_seed() + 1
+        parts = {
+            "base": edm_loss(base, small, cond, generator=generator).mean(),
+            "relay": relay_loss(relay, images, relay_config.blur, cond, block_scale=relay_config.s_block,
+                                generator=generator).mean(),
+            "single": edm_loss(single, images, cond, generator=generator).mean(),
+        }
+        logged = {name: value.item() for name, value in parts.items()}
+        if step % gap_every == 0:
+            logged["prompt_gap"] = prompt_gap(base, small, cond, gap_seed)
+        return sum(parts.values()), logged
 
-    train(run, stages, optimizer, Schedule(steps, lr), step_loss, minutes=minutes, ema_decay=EMA_DECAY)
+    return step_loss
+
+
+@torch.no_grad()
+def prompt_gap(denoiser: EDMDenoiser, images: torch.Tensor, cond: dict, seed: int) -> float:
+    """(EDM loss with each image given another image's prompt) / (with its own) - 1, at the same sigmas and noise."""
+    shuffled = {name: value.roll(1, dims=0) for name, value in cond.items()}
+    own = edm_loss(denoiser, images, cond, generator=torch.Generator().manual_seed(seed)).mean()
+    other = edm_loss(denoiser, images, shuffled, generator=torch.Generator().manual_seed(seed)).mean()
+    return (other / own).item() - 1
+
+
+def train_diffusion(
+    out_dir: str | Path, tokenizer: GLMTokenizer, text_encoder: str | Path | None, seed: int = 0,
+    steps: int = 3000, scenes: int = 20000, minutes: float | None = None, settings: LoopSettings | None = None,
+) -> Path:  # fmt: skip
+    if text_encoder is None:
+        raise ValueError("Diffusion training needs --text-encoder: the VLM run (or checkpoint) whose GLM core it uses.")
+    settings = settings or RECIPE.settings()
+    device = settings.runtime.device
+    torch.manual_seed(seed)
+    vlm, encoder = frozen_text_encoder(text_encoder, tokenizer, device)
+    if settings.cached:
+        encoder = CachedTextEncoder(encoder)
+    started = Path(out_dir) / "model"
+    if (started / NATIVE_CONFIG).exists():  # a run resumes with the shapes it started with
+        configs = recorded_stage_configs(read_native_config(started, KIND))
+    else:
+        configs = stage_configs(vlm.config.hidden_size)
+    stages = Stages(configs).to(device)
+    relay_config = RelayConfig()
+    optimizer = torch.optim.AdamW(stages.parameters(), lr=settings.lr, weight_decay=0.01)
+    pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
+    run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
+                              "relay": relay_config.to_dict(),
+                              "stages": {name: config.to_dict() for name, config in configs.items()}})
+    step_loss = diffusion_step_loss(stages, encoder, pool, relay_config, seed, settings.batch_size, device)
+    train(run, stages, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes,
+          ema_decay=EMA_DECAY, runtime=settings.runtime, batch_size=settings.batch_size)
     return run.model_dir
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from glm.tokenizer import GLMTokenizer
 from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
-from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, ValidationScenes, train
 from multimodal.world import CLASSES, DRAWING, VOCABULARY, WorldConfig, make_scene, scene_tasks, split_seeds
 
 
@@ -42,48 +42,75 @@ def presence_accuracy(judge: Judge, split: str = "val", count: int = 200, world:
     return sum(all(result.values()) for result in found) / len(found)
 
 
-def train_judge(
-    out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, batch_size: int = 64,
-    lr: float = 1e-3, scenes: int = 20000, minutes: float | None = None,
-) -> Path:  # fmt: skip
-    torch.manual_seed(seed)
-    config = JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN))
-    model = build_judge(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    pools = (TrainScenes(scenes, config.image_size), TrainScenes(scenes, config.image_size, DRAWING))
-    run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
-    class_ids = text_batch(tokenizer, [c.with_article() for c in VOCABULARY], config.context_length, config.eos_id)
+RECIPE = LoopRecipe(base_batch=64, base_lr=1e-3, fast_batch=64)
+WARMUP_SAMPLES = 12800
+
+
+def judge_config(tokenizer: GLMTokenizer) -> JudgeConfig:
+    return JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN))
+
+
+def judge_pools(count: int, image_size: int, cached: bool = False, validation: bool = False):
+    """The two scene pools half of each batch comes from: the default world and the drawing world."""
+    if validation:
+        return ValidationScenes(count, image_size), ValidationScenes(count, image_size, DRAWING)
+    return TrainScenes(count, image_size, cached=cached), TrainScenes(count, image_size, DRAWING, cached=cached)
+
+
+def judge_step_loss(model, config: JudgeConfig, tokenizer: GLMTokenizer, pools, seed: int, batch_size: int,
+                    device: str = "cpu"):
+    """step -> (loss, components): the pair loss and the presence loss on that step's batch."""
+    class_ids = text_batch(tokenizer, [c.with_article() for c in VOCABULARY], config.context_length,
+                           config.eos_id).to(device)
     class_index = {c.name: i for i, c in enumerate(VOCABULARY)}
 
-    def step_loss(step: int) -> torch.Tensor:
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = random.Random(f"judge-{seed}-{step}")
         half = batch_size // 2
         batches = [(pool, pool.batch_seeds(rng, n)) for pool, n in zip(pools, (batch_size - half, half))]
         scenes = [pool.scene(s) for pool, seeds in batches for s in seeds]
         texts = [judge_text(scene, rng) for scene in scenes]
-        images = torch.cat([pool.images(seeds) for pool, seeds in batches])  # [B, 3, S, S]
-        ids = text_batch(tokenizer, texts, config.context_length, config.eos_id)  # [B, L]
+        images = torch.cat([pool.images(seeds) for pool, seeds in batches]).to(device)  # [B, 3, S, S]
+        ids = text_batch(tokenizer, texts, config.context_length, config.eos_id).to(device)  # [B, L]
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(ids, normalize=True)
         logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T  # [B, B]
         # Identical texts in a batch are all positives for each other's images.
-        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float)
+        same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float, device=device)
         targets = same / same.sum(1, keepdim=True)
         pairs = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         class_features = model.encode_text(class_ids, normalize=True)  # [C, D]
         class_logits = model.logit_scale.exp().clamp(max=100) * image_features @ class_features.T  # [B, C]
-        present = torch.zeros_like(class_logits)
+        present = torch.zeros(class_logits.shape, device=device)  # float32 targets under autocast too
         for row, scene in enumerate(scenes):
             for obj in scene.objects:
                 present[row, class_index[obj.name]] = 1.0
-        return pairs + F.cross_entropy(class_logits, present / present.sum(1, keepdim=True))
+        presence = F.cross_entropy(class_logits, present / present.sum(1, keepdim=True))
+        return pairs + presence, {"pairs": pairs.item(), "presence": presence.item()}
+
+    return step_loss
+
+
+def train_judge(
+    out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, scenes: int = 20000,
+    minutes: float | None = None, settings: LoopSettings | None = None,
+) -> Path:  # fmt: skip
+    settings = settings or RECIPE.settings()
+    device, batch_size = settings.runtime.device, settings.batch_size
+    torch.manual_seed(seed)
+    config = judge_config(tokenizer)
+    model = build_judge(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.05)
+    pools = judge_pools(scenes, config.image_size, cached=settings.cached)
+    run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
+    step_loss = judge_step_loss(model, config, tokenizer, pools, seed, batch_size, device)
 
     def evaluate() -> str:
         judge = Judge(model, tokenizer, config)
         return (f"val presence {presence_accuracy(judge):.3f}, "
                 f"drawing world {presence_accuracy(judge, world=DRAWING):.3f}")
 
-    step = train(run, model, optimizer, Schedule(steps, lr), step_loss, minutes=minutes, evaluate=evaluate,
-                 evaluate_every=500)
+    step = train(run, model, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes,
+                 evaluate=evaluate, evaluate_every=500, runtime=settings.runtime, batch_size=batch_size)
     run.log(f"finished at step {step}: {evaluate()}")
     return run.model_dir

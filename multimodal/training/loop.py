@@ -8,8 +8,10 @@ and `log.txt`. Batches are drawn from an rng seeded by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -36,18 +38,26 @@ def scene_pixels(scene: Scene, size: int) -> torch.Tensor:
 
 
 class TrainScenes:
-    """The first `count` scenes of the train split, rendered lazily at `image_size` and kept as uint8 tensors.
+    """The first `count` scenes of the train split at `image_size`, as uint8 tensors: rendered lazily and kept in
+    memory, or with `cached`, read from the memory-mapped scene cache (`multimodal.training.data.SceneCache`) that
+    is built once and shared by every run.
 
     Only train seeds ever enter: the constructor takes seeds from the train split and `batch_seeds` asserts it again
     for every seed it hands out, so no test or validation scene can reach a gradient.
     """
 
-    def __init__(self, count: int, image_size: int, world: WorldConfig = WorldConfig()):
+    def __init__(self, count: int, image_size: int, world: WorldConfig = WorldConfig(), cached: bool = False):
         self.seeds = split_seeds("train", count)
         self.image_size = image_size
         self.world = world
         self._scenes: dict[int, Scene] = {}
         self._pixels: dict[int, torch.Tensor] = {}
+        self._cache = None
+        if cached:
+            from multimodal.training.data import SceneCache
+
+            self._cache = SceneCache(world, "train", image_size, count)
+            self._scenes = {scene.seed: scene for scene in self._cache.scenes}
 
     def scene(self, seed: int) -> Scene:
         if seed not in self._scenes:
@@ -56,6 +66,8 @@ class TrainScenes:
 
     def pixels(self, seed: int) -> torch.Tensor:
         """[3, S, S] uint8."""
+        if self._cache is not None:
+            return self._cache.image(seed - self.seeds.start)
         if seed not in self._pixels:
             self._pixels[seed] = scene_pixels(self.scene(seed), self.image_size)
         return self._pixels[seed]
@@ -69,6 +81,100 @@ class TrainScenes:
     def images(self, seeds: list[int]) -> torch.Tensor:
         """[B, 3, S, S] float in [-1, 1]."""
         return torch.stack([self.pixels(seed) for seed in seeds]).float() / 127.5 - 1
+
+
+class ValidationScenes(TrainScenes):
+    """The first `count` scenes of the validation split, with TrainScenes' interface: for measuring a loss on scenes
+    no gradient has seen (`multimodal bench train`). Its batches assert the validation split."""
+
+    def __init__(self, count: int, image_size: int, world: WorldConfig = WorldConfig()):
+        super().__init__(0, image_size, world)
+        self.seeds = split_seeds("val", count)
+
+    def batch_seeds(self, rng: random.Random, batch_size: int) -> list[int]:
+        seeds = [self.seeds[rng.randrange(len(self.seeds))] for _ in range(batch_size)]
+        assert all(split_of(seed) == "val" for seed in seeds)
+        return seeds
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether this device multiplies bfloat16 matrices natively (AVX512_BF16 or AMX on x86; Ampere or newer)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a training step runs: on which device and under which autocast dtype (float32 master weights and
+    optimizer state either way). Under CPU bf16, attention takes the explicit path of `kernels.attention`."""
+
+    device: str = "cpu"
+    autocast: torch.dtype | None = None
+
+    @classmethod
+    def fast(cls, device: str = "cpu") -> Runtime:
+        """bf16 autocast where the device has native bf16, float32 elsewhere."""
+        return cls(device, torch.bfloat16 if native_bf16(device) else None)
+
+    def describe(self) -> str:
+        return f"{self.device}, {'bf16 autocast' if self.autocast == torch.bfloat16 else 'float32'}"
+
+    def context(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.split(":")[0], dtype=self.autocast)
+
+
+def default_threads() -> int:
+    """The cores this process may run on: training uses them all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def scaled_lr(base_lr: float, batch_size: int, base_batch: int = 16) -> float:
+    """The rule for a batch other than the one a recipe was tuned at: the linear scaling rule (Goyal et al. 2017),
+    lr x batch / base_batch, with the warmup kept in samples. It keeps the sum of learning rates per sample seen
+    equal, which is what matched the reference loop's loss per sample in `multimodal bench train` (the square-root
+    rule fell behind)."""
+    return base_lr * batch_size / base_batch
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How a training loop is fed and run: batch, peak learning rate, runtime, and whether scenes (and, for
+    text-conditioned models, text states) come from the caches of `multimodal.training.data`."""
+
+    batch_size: int
+    lr: float
+    runtime: Runtime
+    cached: bool
+
+    def schedule(self, steps: int, warmup_samples: int) -> Schedule:
+        """`steps` optimizer steps; the warmup is given in samples so it means the same at any batch."""
+        return Schedule(steps, self.lr, warmup=max(1, warmup_samples // self.batch_size))
+
+
+@dataclass(frozen=True)
+class LoopRecipe:
+    """What a model's loop was tuned at, and the batch its fast loop runs."""
+
+    base_batch: int
+    base_lr: float
+    fast_batch: int
+
+    def settings(self, loop: str = "fast", device: str = "cpu", batch_size: int | None = None,
+                 lr: float | None = None) -> LoopSettings:
+        """"reference": the loop as it first ran (float32, eager, data made inside the loop, the base batch); "fast":
+        native bf16 autocast, cached data and the fast batch. `lr` is the peak rate at the base batch; a larger
+        batch scales it by `scaled_lr`'s rule."""
+        lr = lr or self.base_lr
+        if loop == "reference":
+            batch = batch_size or self.base_batch
+            return LoopSettings(batch, scaled_lr(lr, batch, self.base_batch), Runtime(device), cached=False)
+        if loop != "fast":
+            raise ValueError(f"Unknown training loop '{loop}'; use fast or reference.")
+        batch = batch_size or self.fast_batch
+        return LoopSettings(batch, scaled_lr(lr, batch, self.base_batch), Runtime.fast(device), cached=True)
 
 
 @dataclass
@@ -174,21 +280,32 @@ def train(
     evaluate_every: int = 1000,
     extra: torch.nn.Module | None = None,
     ema_decay: float | None = None,
+    runtime: Runtime = Runtime(),
+    batch_size: int | None = None,
 ) -> int:
-    """The loop: `step_loss(step)` builds the batch of that step and returns its loss; stops after `schedule.steps`
-    steps or `minutes` of wall time, saving on the way out. `extra` is a training-only module (an auxiliary head)
-    whose weights go into the trainer state, not the model; with `ema_decay` the run also keeps and saves an
-    exponential moving average of the model. Returns the step reached."""
+    """The loop: `step_loss(step)` builds the batch of that step and returns its loss, or (loss, components) with
+    named floats to log beside it; stops after `schedule.steps` steps or `minutes` of wall time, saving on the way
+    out. The step runs under `runtime`'s autocast and attention kernel. `extra` is a training-only module (an
+    auxiliary head) whose weights go into the trainer state, not the model; with `ema_decay` the run also keeps and
+    saves an exponential moving average of the model. With `batch_size` the progress line shows samples/s.
+    Returns the step reached."""
     ema = None if ema_decay is None else EMA(model, ema_decay)
     step = run.resume(model, optimizer, extra, ema)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
-    window_loss, window_start = 0.0, time.monotonic()
+    window_loss, window_parts, window_start = 0.0, {}, time.monotonic()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
+    run.log(f"{run.kind} from step {step}: {runtime.describe()}, {torch.get_num_threads()} threads")
     while step < schedule.steps:
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
-        loss = step_loss(step)
+        with runtime.context():
+            loss = step_loss(step)
+        if isinstance(loss, tuple):
+            loss, parts = loss
+            for name, value in parts.items():  # a component may be measured on some steps only
+                total, count = window_parts.get(name, (0.0, 0))
+                window_parts[name] = (total + value, count + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,9 +316,11 @@ def train(
         window_loss += loss.item()
         if step % log_every == 0:
             rate = log_every / (time.monotonic() - window_start)
-            run.log(f"step {step}/{schedule.steps} loss {window_loss / log_every:.4f} lr {schedule(step):.2e} "
-                    f"{rate:.2f} steps/s")
-            window_loss, window_start = 0.0, time.monotonic()
+            parts = "".join(f" {name} {total / count:.4f}" for name, (total, count) in window_parts.items())
+            speed = f"{rate:.2f} steps/s" + (f" {rate * batch_size:.1f} samples/s" if batch_size else "")
+            run.log(f"step {step}/{schedule.steps} loss {window_loss / log_every:.4f}{parts} lr {schedule(step):.2e} "
+                    f"{speed}")
+            window_loss, window_parts, window_start = 0.0, {}, time.monotonic()
         if evaluate is not None and step % evaluate_every == 0:
             model.eval()
             run.log(f"step {step} eval: {evaluate()}")

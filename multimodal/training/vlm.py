@@ -36,7 +36,7 @@ from torch import nn
 
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
-from multimodal.training.loop import Run, Schedule, TrainScenes, train
+from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, train
 from multimodal.world import CLASSES, COLOURS, Scene, Task, mentioned_classes, scene_tasks
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
@@ -51,6 +51,9 @@ GROWN_LAYERS = 2  # layers added on top of the language-stage core for the visio
 BOX_LOSS_WEIGHT = 5.0  # box L1 is in units of the image side: 0.05 off is a large miss at this scale
 LOOKUP_HEADS = 3  # heads of the first grown layer (one KV group) taught where a referred object is
 MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
+RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=32)
+WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
+
 
 
 def world_vlm_config(vocab_size: int) -> VLMConfig:
@@ -83,7 +86,7 @@ def text_encoder_fingerprint(model: VisionLanguageModel) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if is_text_encoder_parameter(name, model.config.encoder_layers):
             digest.update(name.encode())
-            digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -129,8 +132,9 @@ class PatchDetectionHead(nn.Module):
 
     def loss(self, features: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
         grid = round(features.shape[1] ** 0.5)
-        classes, boxes = patch_targets(scenes, grid)  # [B, g*g], [B, g*g, 4]
-        colours = torch.tensor([list(COLOURS).index(scene.background.colour) for scene in scenes])
+        classes, boxes = (t.to(features.device) for t in patch_targets(scenes, grid))  # [B, g*g], [B, g*g, 4]
+        colours = torch.tensor([list(COLOURS).index(scene.background.colour) for scene in scenes],
+                               device=features.device)
         per_cell = F.cross_entropy(self.classes(features).transpose(1, 2), classes, reduction="none")  # [B, g*g]
         centred = classes > 0
         # Objects are centred in a few of the 64 patches: balance them against the empty ones, or "none" everywhere
@@ -236,7 +240,7 @@ def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[i
         return None
     length = layer_input.shape[1]
     queries = torch.stack([layer_input[row, length - lengths[row] - 1] for row in rows])  # [R, C]
-    targets = torch.tensor([list(CLASSES).index(names[row]) for row in rows])
+    targets = torch.tensor([list(CLASSES).index(names[row]) for row in rows], device=layer_input.device)
     return F.cross_entropy(classifier(queries), targets)
 
 
@@ -288,24 +292,24 @@ def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[Vis
 
 
 def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> the processor's normalisation (multimodal.image.to_tensor)."""
-    mean = torch.tensor(config.vision.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.vision.std).view(1, 3, 1, 1)
+    """uint8 [B, 3, S, S] -> the processor's normalisation (multimodal.image.to_tensor), on the pixels' device."""
+    mean = torch.tensor(config.vision.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.vision.std, device=pixels.device).view(1, 3, 1, 1)
     return (pixels.float() / 255 - mean) / std
 
 
 def train_vlm(
     out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, language_steps: int = 400,
-    tower_steps: int = 2000, batch_size: int = 16, lr: float = 1e-3, scenes: int = 20000,
-    minutes: float | None = None, init: str | Path | None = None,
+    tower_steps: int = 2000, scenes: int = 20000, minutes: float | None = None, init: str | Path | None = None,
+    settings: LoopSettings | None = None,
 ) -> Path:  # fmt: skip
     """All three stages; or, with `init` (a finished VLM, such as the shipped one), a further vision stage that
     starts from its weights (its detection heads start afresh) under a schedule of its own."""
     out_dir = Path(out_dir)
+    settings = settings or RECIPE.settings()
     torch.manual_seed(seed)
     if init is None:
-        model, head = _language_and_tower(out_dir, tokenizer, seed, language_steps, tower_steps, batch_size, lr,
-                                          scenes)
+        model, head = _language_and_tower(out_dir, tokenizer, seed, language_steps, tower_steps, scenes, settings)
         model, _ = grow(model, model.vlm_config, GROWN_LAYERS)
         # The vision expert of every layer starts as a copy of its language expert, as CogVLM does.
         for layer in model.layers:
@@ -318,20 +322,22 @@ def train_vlm(
         if text.text_encoder_layers is None or text.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{init} is not a grown world VLM for this tokenizer; train one from scratch first.")
         head = PatchDetectionHead(model.vlm_config.vision.width)
-    return _vision_stage(out_dir, model, head, tokenizer, seed, steps, batch_size, lr, scenes, minutes,
+    return _vision_stage(out_dir, model, head, tokenizer, seed, steps, scenes, minutes, settings,
                          {"init": str(init)} if init is not None else {})
 
 
 def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, language_steps: int, tower_steps: int,
-                        batch_size: int, lr: float, scenes: int) -> tuple[VisionLanguageModel, PatchDetectionHead]:
+                        scenes: int, settings: LoopSettings) -> tuple[VisionLanguageModel, PatchDetectionHead]:
     """Stages 1 and 2: the model with a trained core and tower, and the tower's detection head."""
     config = world_vlm_config(tokenizer.vocab_size)
     processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
-    pool = TrainScenes(scenes, config.vision.image_size)
+    pool = TrainScenes(scenes, config.vision.image_size, cached=settings.cached)
+    batch_size, lr, device = settings.batch_size, settings.lr, settings.runtime.device
+    loop = {"runtime": settings.runtime, "batch_size": batch_size}
     meta = {**config.to_dict(), "seed": seed}  # the native VLM format (vlm.convert.load_vlm) plus the recipe
 
     # Stage 1: the language core on text alone.
-    model = VisionLanguageModel(config).init_weights(generator=torch.Generator().manual_seed(seed))
+    model = VisionLanguageModel(config).init_weights(generator=torch.Generator().manual_seed(seed)).to(device)
     language = [p for n, p in model.named_parameters() if is_language_parameter(n)]
     optimizer = torch.optim.AdamW(language, lr=lr, weight_decay=0.01)
     run = Run(out_dir / "language", KIND, {**meta, "stage": "language", "language_steps": language_steps})
@@ -341,11 +347,11 @@ def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, langu
         kind = sample_kind(rng)
         tasks = [sample_task(pool.scene(s), kind, rng) for s in pool.batch_seeds(rng, batch_size)]
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=False)
-        inputs = processor.layout(rows, 0)
+        inputs = processor.layout(rows, 0).to(device)
         logits = model(inputs.input_ids, positions=inputs.positions, attention_mask=inputs.attention_mask)
         return answer_loss(logits, inputs.input_ids, lengths)
 
-    train(run, model, optimizer, Schedule(language_steps, lr, warmup=100), language_loss)
+    train(run, model, optimizer, settings.schedule(language_steps, SHORT_WARMUP_SAMPLES), language_loss, **loop)
 
     # Stage 2: the ViT alone learns the world's objects from the per-patch detection head (fast: no language model
     # in the loop), as CogVLM starts from a pretrained tower. (a resumed run overwrites all of this with its
@@ -357,7 +363,7 @@ def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, langu
         for name, param in model.named_parameters():  # zero biases: the image, not a constant, leads the features
             if name.startswith(("vision.", "adapter.")) and name.endswith(".bias") and "norm" not in name:
                 param.zero_()
-    head = PatchDetectionHead(config.vision.width)
+    head = PatchDetectionHead(config.vision.width).to(device)
     tower = list(model.vision.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(tower, lr=lr, weight_decay=0.01)
     run = Run(out_dir / "tower", KIND, {**meta, "stage": "tower", "tower_steps": tower_steps})
@@ -365,42 +371,34 @@ def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, langu
     def tower_loss(step: int) -> torch.Tensor:
         rng = random.Random(f"vlm-tower-{seed}-{step}")
         seeds = pool.batch_seeds(rng, batch_size)
-        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
+        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]).to(device), config)  # [B, 3, S, S]
         return head.loss(model.vision(pixels), [pool.scene(s) for s in seeds])
 
     def tower_evaluate() -> str:
         return f"val object-patch accuracy {object_patch_accuracy(model, head):.3f}"
 
-    train(run, model, optimizer, Schedule(tower_steps, lr, warmup=100), tower_loss, extra=head,
-          evaluate=tower_evaluate, evaluate_every=500)
+    train(run, model, optimizer, settings.schedule(tower_steps, SHORT_WARMUP_SAMPLES), tower_loss, extra=head,
+          evaluate=tower_evaluate, evaluate_every=500, **loop)
 
     return model, head
 
 
-def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectionHead, tokenizer: GLMTokenizer,
-                  seed: int, steps: int, batch_size: int, lr: float, scenes: int, minutes: float | None,
-                  recipe: dict) -> Path:
-    """Stage 3 on a grown model (LLaMA-Pro's block expansion: GROWN_LAYERS copies of the language-stage core's last
-    layer whose output projections start at zero). The text encoder's part (embeddings and every original layer but
-    the last) is frozen. With only the last layer free, text tokens could not first read the question and then look
-    up its object among the image tokens. (a resumed run overwrites the starting weights with its checkpoint)"""
+def vision_heads(config: VLMConfig, head: PatchDetectionHead) -> nn.ModuleDict:
+    """The vision stage's training-only heads: the tower's detection head; a second one on the adapter's image
+    tokens, so that each token the core sees names its object and box; a linear probe of the class a question looks
+    for where the lookup happens (`query_loss`)."""
+    return nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size),
+                          "query": nn.Linear(config.text.hidden_size, len(CLASSES))})
+
+
+def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool: TrainScenes,
+                     seed: int, batch_size: int, device: str = "cpu"):
+    """step -> (loss, components) on the vision stage's batch of that step: the answer, detection, spread, lookup
+    and query losses."""
     config = model.vlm_config
     processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
-    pool = TrainScenes(scenes, config.vision.image_size)
-    encoder_layers = config.text.encoder_layers
-    for name, param in model.named_parameters():
-        param.requires_grad_(not is_text_encoder_parameter(name, encoder_layers))
-    meta = {**config.to_dict(), "seed": seed, **recipe}
-    fingerprint = text_encoder_fingerprint(model)
-    # A second head reads the adapter's image tokens, so that each token the core sees names its object and box.
-    # A third reads the class a question looks for at the position where the lookup happens (`query_loss`).
-    heads = nn.ModuleDict({"tower": head, "tokens": PatchDetectionHead(config.text.hidden_size),
-                           "query": nn.Linear(config.text.hidden_size, len(CLASSES))})
-    vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
-    optimizer = torch.optim.AdamW(vision, lr=lr, weight_decay=0.01)
-    run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
 
-    def vision_loss(step: int) -> torch.Tensor:
+    def vision_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = random.Random(f"vlm-vision-{seed}-{step}")
         kind = sample_kind(rng)
         seeds = pool.batch_seeds(rng, batch_size)
@@ -408,24 +406,55 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
         tasks = [sample_task(scene, kind, rng) for scene in scenes]
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
-        inputs = processor.layout(rows, config.image_tokens, pixels)
+        inputs = processor.layout(rows, config.image_tokens, pixels).to(device)
         features = model.vision(inputs.pixels)  # [B, g*g, W]
         image_embeds = model.adapter(features)  # [B, n, H]: boi, patches, eoi
         logits, hidden_states = model(inputs.input_ids, image_embeds=image_embeds,
                                       image_start=inputs.image_start, positions=inputs.positions,
                                       attention_mask=inputs.attention_mask, output_hidden_states=True)
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
-        detection = heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes)
-        loss = answer_loss(logits, inputs.input_ids, lengths) + detection + spread_loss(patches)
+        parts = {"answer": answer_loss(logits, inputs.input_ids, lengths),
+                 "detection": heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes),
+                 "spread": spread_loss(patches)}
         grid = round(patches.shape[1] ** 0.5)
         lookup_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
         cells = [lookup_cells(scene, task, grid) for scene, task in zip(scenes, tasks)]
         names = [question_class(scene, task) for scene, task in zip(scenes, tasks)]
-        for extra in (lookup_loss(model, lookup_input, inputs, lengths, cells),
-                      query_loss(heads["query"], lookup_input, lengths, names)):
-            loss = loss if extra is None else loss + extra
-        return loss
+        for name, extra in (("lookup", lookup_loss(model, lookup_input, inputs, lengths, cells)),
+                            ("query", query_loss(heads["query"], lookup_input, lengths, names))):
+            if extra is not None:
+                parts[name] = extra
+        return sum(parts.values()), {name: value.item() for name, value in parts.items()}
 
-    train(run, model, optimizer, Schedule(steps, lr), vision_loss, minutes=minutes, extra=heads)
+    return vision_loss
+
+
+def freeze_text_encoder(model: VisionLanguageModel) -> None:
+    """The vision stage trains all but the text encoder's part (embeddings, every original layer but the last)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not is_text_encoder_parameter(name, model.config.encoder_layers))
+
+
+def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectionHead, tokenizer: GLMTokenizer,
+                  seed: int, steps: int, scenes: int, minutes: float | None, settings: LoopSettings,
+                  recipe: dict) -> Path:
+    """Stage 3 on a grown model (LLaMA-Pro's block expansion: GROWN_LAYERS copies of the language-stage core's last
+    layer whose output projections start at zero). The text encoder's part (embeddings and every original layer but
+    the last) is frozen. With only the last layer free, text tokens could not first read the question and then look
+    up its object among the image tokens. (a resumed run overwrites the starting weights with its checkpoint)"""
+    device = settings.runtime.device
+    model = model.to(device)
+    config = model.vlm_config
+    pool = TrainScenes(scenes, config.vision.image_size, cached=settings.cached)
+    freeze_text_encoder(model)
+    meta = {**config.to_dict(), "seed": seed, **recipe}
+    fingerprint = text_encoder_fingerprint(model)
+    heads = vision_heads(config, head).to(device)
+    vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
+    optimizer = torch.optim.AdamW(vision, lr=settings.lr, weight_decay=0.01)
+    run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
+    step_loss = vision_step_loss(model, heads, tokenizer, pool, seed, settings.batch_size, device)
+    train(run, model, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes, extra=heads,
+          runtime=settings.runtime, batch_size=settings.batch_size)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
     return run.model_dir
