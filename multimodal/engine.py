@@ -16,8 +16,9 @@ Ways to build one:
   subprocess needs a checkpoint folder). They are never a default.
 
 The parts' interface, which `vlm.chat.VLMChat` and `diffusion.pipeline.RelayPipeline` provide:
-- chat model: `stream(image, turns, sampling) -> Iterator[str]` (text deltas) and `answer_batch(images, turns_list,
-  sampling) -> list[str]`, where `turns` is a list of (role, text) pairs ending with the user's question.
+- chat model: `stream(image, turns, sampling, usage=None) -> Iterator[str]` (text deltas) and
+  `answer_batch(images, turns_list, sampling, usages=None) -> list[str]`, where `turns` is a list of (role, text)
+  pairs ending with the user's question and each `vlm.chat.Usage` handed in is filled in (tokens, finish reason).
 - painter: `__call__(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
   num_images_per_prompt, seed, callback)` -> an object with `base` and `relay` lists of PIL images, and `sizes`.
 """
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 from multimodal.image import draw_boxes
+from vlm.chat import Usage
 from vlm.grounding import parse_grounding, pixel_boxes
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"  # the models shipped in the package, when trained
@@ -208,23 +210,28 @@ class Engine:
     # --- understanding -------------------------------------------------------------------------------------------
 
     def chat_stream(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
-                    sampling: Sampling = Sampling()) -> Iterator[str]:
-        """Text deltas of the answer to `question` about `image`, after the earlier `history` turns."""
-        return self.chat_model.stream(image, _turns(question, history), sampling)
+                    sampling: Sampling = Sampling(), usage: Usage | None = None) -> Iterator[str]:
+        """Text deltas of the answer to `question` about `image`, after the earlier `history` turns; `usage` (a
+        `vlm.chat.Usage`) is filled in when the answer ends."""
+        if usage is None:
+            return self.chat_model.stream(image, _turns(question, history), sampling)
+        return self.chat_model.stream(image, _turns(question, history), sampling, usage=usage)
 
     def chat(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
              sampling: Sampling = Sampling()) -> str:
         return "".join(self.chat_stream(image, question, history, sampling))
 
-    def chat_batch(self, requests: Sequence[ChatRequest]) -> list[str]:
+    def chat_batch(self, requests: Sequence[ChatRequest], usages: Sequence[Usage] | None = None) -> list[str]:
         """Answer several independent requests; greedy ones with an image and the same length limit run as one
-        batch, and every answer is the one the request gets alone."""
+        batch, and every answer is the one the request gets alone. `usages`, one per request, are filled in."""
+        usages = list(usages) if usages is not None else [Usage() for _ in requests]
         answers: list[str | None] = [None] * len(requests)
         groups: dict[object, list[int]] = {}
         for index, request in enumerate(requests):
             sampling = request.sampling
             if request.image is None:  # text-only rows have no image slot to align; they run alone
-                answers[index] = self.chat(None, request.question, request.history, sampling)
+                answers[index] = "".join(self.chat_stream(None, request.question, request.history, sampling,
+                                                          usages[index]))
             elif sampling.temperature == 0:  # greedy answers ignore the seed, so any seeds can share a batch
                 groups.setdefault(replace(sampling, seed=0), []).append(index)
             else:  # a sampled row's draws depend on its place in a batch; alone, its answer depends on its seed only
@@ -234,6 +241,7 @@ class Engine:
                 [requests[i].image for i in indices],
                 [_turns(requests[i].question, requests[i].history) for i in indices],
                 requests[indices[0]].sampling,
+                usages=[usages[i] for i in indices],
             )
             for index, text in zip(indices, texts):
                 answers[index] = text

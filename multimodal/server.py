@@ -7,8 +7,9 @@ Endpoints:
   conversation (as CogVLM); earlier user/assistant messages become the history; system messages are accepted and
   ignored (the models were not trained with one). `stream: true` answers with server-sent events
   (`chat.completion.chunk` objects, then `data: [DONE]`). Honoured: `max_tokens` / `max_completion_tokens`,
-  `temperature` (0, the default, is greedy), `top_p`, `seed`; other fields are ignored. `finish_reason` is always
-  "stop" (the chat API reports text, not why it ended) and no `usage` is returned.
+  `temperature` (0, the default, is greedy), `top_p`, `seed`, `stream_options.include_usage`; other fields are
+  ignored. `finish_reason` is "length" when `max_tokens` cut the answer, else "stop"; every answer carries `usage`
+  (prompt tokens count the image's). The model may be named by the id `/v1/models` lists or by "glm-multimodal".
 - `POST /v1/images/generations`: `prompt`, `n`, `size` ("WxH", one of the model's sizes), `response_format`
   "b64_json" (PNG); extensions: `negative_prompt`, `seed`, `steps`, `guidance_scale`.
 
@@ -47,11 +48,13 @@ from starlette.exceptions import HTTPException
 
 from multimodal.engine import ChatRequest, EngineError, Sampling
 from multimodal.image import ImageError, load_image
+from vlm.chat import Usage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 256
+GENERIC_MODEL_NAME = "glm-multimodal"  # accepted for whatever model the server runs
 
 
 class APIError(Exception):
@@ -92,6 +95,10 @@ class Message(_Body):
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
 class ChatCompletionBody(_Body):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -100,8 +107,9 @@ class ChatCompletionBody(_Body):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class ImageGenerationBody(_Body):
@@ -111,7 +119,7 @@ class ImageGenerationBody(_Body):
     size: str | None = None
     response_format: Literal["b64_json", "url"] | None = None
     negative_prompt: str = ""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     steps: int | None = Field(default=None, ge=1, le=200)
     guidance_scale: float | None = Field(default=None, ge=0, le=30)
 
@@ -198,6 +206,7 @@ class StreamJob:
     emit: Callable  # called from the worker thread with each text delta, then with None at the end
     fail: Callable  # called with the exception when the answer fails
     cancelled: threading.Event = field(default_factory=threading.Event)
+    usage: Usage = field(default_factory=Usage)  # filled in by the engine when the answer ends
 
 
 @dataclass
@@ -253,19 +262,20 @@ class Worker:
                 self._run_draw(job)
 
     def _run_chat(self, batch: list[ChatJob]) -> None:
+        usages = [Usage() for _ in batch]
         try:
-            answers = self.engine.chat_batch([job.request for job in batch])
+            answers = self.engine.chat_batch([job.request for job in batch], usages)
         except Exception as error:  # handed to the waiting request, which turns it into a response
             for job in batch:
                 job.future.set_exception(error)
             return
-        for job, answer in zip(batch, answers):
-            job.future.set_result(answer)
+        for job, answer, usage in zip(batch, answers, usages):
+            job.future.set_result((answer, usage))
 
     def _run_stream(self, job: StreamJob) -> None:
         try:
             for delta in self.engine.chat_stream(job.request.image, job.request.question, job.request.history,
-                                                 job.request.sampling):
+                                                 job.request.sampling, job.usage):
                 if job.cancelled.is_set():  # the client went away: stop decoding for nobody
                     break
                 job.emit(delta)
@@ -331,7 +341,7 @@ def create_app(engine, max_batch: int = 8, max_queue: int = 64, max_body_bytes: 
         return await call_next(request)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != engine.name:
+        if name is not None and name not in (engine.name, GENERIC_MODEL_NAME):
             raise APIError(404, f"The model '{name}' does not exist; this server runs '{engine.name}'.", "model",
                            kind="not_found_error")
 
@@ -350,16 +360,19 @@ def create_app(engine, max_batch: int = 8, max_queue: int = 64, max_body_bytes: 
         chat = chat_request(body, default_max_tokens)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return await _stream_response(worker, chat, completion_id, engine.name, request)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return await _stream_response(worker, chat, completion_id, engine.name, request, include_usage)
         job = ChatJob(chat)
         worker.submit(job)
         try:
-            answer = await asyncio.wrap_future(job.future)
+            answer, usage = await asyncio.wrap_future(job.future)
         except Exception as error:
             raise as_api_error(error) from None
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": usage.finish_reason}],
+            "usage": _usage(usage),
         }
 
     @app.post("/v1/images/generations")
@@ -382,6 +395,11 @@ def create_app(engine, max_batch: int = 8, max_queue: int = 64, max_body_bytes: 
     return app
 
 
+def _usage(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
 def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "glm-multimodal"}
 
@@ -392,7 +410,8 @@ def _png_base64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str, model: str, request: Request):
+async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str, model: str, request: Request,
+                           include_usage: bool):
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     job = StreamJob(
@@ -403,9 +422,12 @@ async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str
     worker.submit(job)
     created = int(time.time())
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+    def chunk(delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
         payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                   "choices": choices}
+        if include_usage:  # as OpenAI: null on every chunk but a last one with no choices
+            payload["usage"] = usage
         return f"data: {_json(payload)}\n\n"
 
     async def events():
@@ -421,7 +443,9 @@ async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str
                     yield f"data: {_json({'error': {'message': error.message, 'type': error.kind}})}\n\n"
                     return
                 yield chunk({"content": item})
-            yield chunk({}, "stop")
+            yield chunk({}, job.usage.finish_reason)
+            if include_usage:
+                yield chunk(None, usage=_usage(job.usage))
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()

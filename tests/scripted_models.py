@@ -40,19 +40,27 @@ class ScriptedChat:
             raise ValueError(f"Scripted failure for '{question}'.")
         return f"{question} -> the thing {BOX} ({fingerprint(image)}, {len(turns)} turns)"
 
-    def stream(self, image, turns, sampling):
+    def stream(self, image, turns, sampling, usage=None):
         text = self.answer(image, turns)
+        if usage is not None:  # one token per 7 characters, cut at the limit as a real model is
+            usage.record(len(turns), [0] * min(-(-len(text) // 7), sampling.max_new_tokens),
+                         -(-len(text) // 7) <= sampling.max_new_tokens)
+            text = text[: 7 * sampling.max_new_tokens]
         for start in range(0, len(text), 7):
             if self.delay:
                 threading.Event().wait(self.delay)
             yield text[start : start + 7]
 
-    def answer_batch(self, images, turns_list, sampling):
+    def answer_batch(self, images, turns_list, sampling, usages=None):
         with self._lock:
             self.batch_sizes.append(len(images))
         if self.delay:
             threading.Event().wait(self.delay)
-        return [self.answer(image, turns) for image, turns in zip(images, turns_list)]
+        answers = []
+        for index, (image, turns) in enumerate(zip(images, turns_list)):
+            usage = usages[index] if usages is not None else None
+            answers.append("".join(self.stream(image, turns, sampling, usage)))
+        return answers
 
 
 @dataclass

@@ -246,8 +246,8 @@ def test_the_tiny_suite_answers_a_concurrent_burst_exactly_as_one_by_one():
         engine = Engine.random_tiny(seed=1)
         batch_sizes = []
         answer_batch = engine.chat_model.answer_batch
-        engine.chat_model.answer_batch = lambda images, *rest: batch_sizes.append(len(images)) or answer_batch(
-            images, *rest)
+        engine.chat_model.answer_batch = lambda images, *rest, **options: batch_sizes.append(len(images)) or (
+            answer_batch(images, *rest, **options))
         images = [Image.new("RGB", (20 + i, 30), (40 * i, 255 - 30 * i, 7 * i)) for i in range(8)]
         questions = ["Where is the dog?", "Describe the image.", "a dog with a hat", "Where is the hat?"]
         expected = [engine.chat(image, questions[i % 4], sampling=Sampling(max_new_tokens=6, seed=i))
@@ -279,3 +279,30 @@ def test_the_tiny_suite_answers_a_concurrent_burst_exactly_as_one_by_one():
     assert sum(burst_sizes) == 7 and max(burst_sizes) > 1  # the non-streaming requests, several per batch
     image = Image.open(io.BytesIO(base64.b64decode(drawn.data[0].b64_json)))
     assert image.tobytes() == engine.draw("a dog with a hat", size=(16, 16), seed=3).relay[0].tobytes()
+
+
+def test_finish_reason_says_length_when_max_tokens_cut_the_answer_and_usage_is_reported(served):
+    engine, url, client = served
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    whole = client.chat.completions.create(model="glm-multimodal", messages=[user_message("Where?", image)])
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens > 2 and whole.usage.prompt_tokens >= 1
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    cut = client.chat.completions.create(model=engine.name, messages=[user_message("Where?", image)], max_tokens=2)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 2
+    assert whole.choices[0].message.content.startswith(cut.choices[0].message.content)
+
+    chunks = list(client.chat.completions.create(model="glm-multimodal", messages=[user_message("Where?", image)],
+                                                 max_tokens=2, stream=True, stream_options={"include_usage": True}))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+
+
+def test_a_seed_too_large_for_a_generator_is_a_400(served):
+    _, url, _ = served
+    for path, body in (("/v1/chat/completions", {"model": "glm-multimodal", "seed": 2**70,
+                                                 "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/images/generations", {"prompt": "a dog", "seed": 2**64})):
+        response = httpx.post(url + path, json=body, timeout=30)
+        assert response.status_code == 400 and "seed" in response.json()["error"]["message"]

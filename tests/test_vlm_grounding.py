@@ -78,3 +78,12 @@ def test_drawn_boxes_land_on_the_original_pixels():
     drawn = draw_grounding(image, result)
     assert drawn.size == image.size and drawn.getpixel((60, 80)) != (255, 255, 255)
     assert drawn.getpixel((150, 50)) == (255, 255, 255) and image.getpixel((60, 80)) == (255, 255, 255)
+
+
+def test_a_stray_separator_does_not_drop_a_valid_box():
+    for text, expected in [("a dog [[100,200,300,400];] ok", [(100, 200, 300, 400)]),
+                           ("two [[1,2,3,4];[5,6,7,8];]", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+                           ("one [[1,2,3,4;]]", [(1, 2, 3, 4)])]:
+        grounding = parse_grounding(text)
+        assert [box for _, box in grounding.boxes] == expected and not grounding.problems
+        assert "[" not in grounding.text and ";" not in grounding.text

@@ -166,3 +166,16 @@ def test_scene_command_prints_tasks_and_writes_the_image(tmp_path, capsys):
     scene = make_scene(3)
     assert f"[caption en] Describe the image. -> {scene_tasks(scene)[0].answer}" in printed
     assert Image.open(out).tobytes() == render(scene).tobytes()
+
+
+@pytest.mark.parametrize("name,plural,with_article", [
+    ("dog", "dogs", "a dog"), ("fox", "foxes", "a fox"), ("mouse", "mice", "a mouse"), ("fish", "fish", "a fish"),
+    ("bus", "buses", "a bus"), ("cherry", "cherries", "a cherry"), ("glasses", "glasses", "glasses"),
+    ("sunglasses", "sunglasses", "sunglasses"), ("unicorn", "unicorns", "a unicorn"), ("apple", "apples", "an apple"),
+    ("umbrella", "umbrellas", "an umbrella"), ("ice cream", "ice creams", "an ice cream"),
+])
+def test_english_plurals_and_articles(name, plural, with_article):
+    from multimodal.world import CLASSES, mentioned_classes
+
+    assert CLASSES[name].plural == plural and CLASSES[name].with_article() == with_article
+    assert name in mentioned_classes(f"How many {plural} are there?", "en")

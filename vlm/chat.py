@@ -11,6 +11,7 @@ embeddings reused for every later turn about it (`Conversation`, or the one-entr
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ from vlm.processor import GROUNDED_CAPTION_PROMPT, REFER_PROMPT, Processor, Turn
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "multimodal" / "assets" / "vlm"
 RoleTurn = tuple[str, str]  # (role, text)
+
+
+@dataclass
+class Usage:
+    """What one answer cost and why it ended, filled in by the generating call that is handed it."""
+
+    prompt_tokens: int = 0  # image tokens included
+    completion_tokens: int = 0  # the stop token excluded
+    finish_reason: str = "stop"  # "length" when the token limit (or the context) cut the answer
+
+    def record(self, prompt_tokens: int, answer_ids: Sequence[int], stopped: bool) -> None:
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, len(answer_ids)
+        self.finish_reason = "stop" if stopped else "length"
 
 
 def _pairs(turns: Sequence[RoleTurn]) -> tuple[str, list[Turn]]:
@@ -90,12 +104,15 @@ class VLMChat:
     def start(self, image: ImageSource | None) -> Conversation:
         return Conversation(self, image)
 
-    def stream_pairs(self, image, embeds, question: str, history: Sequence[Turn], sampling=None) -> Iterator[str]:
+    def stream_pairs(self, image, embeds, question: str, history: Sequence[Turn], sampling=None,
+                     usage: Usage | None = None) -> Iterator[str]:
         inputs = self.processor([question], None if image is None else [image], [history])
         tokens: list[int] = []
         emitted = ""
+        stopped = False
         for step in generate_tokens(self.model, inputs, self._config(sampling), embeds):
             if step[0] is None:
+                stopped = True
                 break
             tokens.append(step[0])
             text = self.tokenizer.decode(tokens)
@@ -103,10 +120,13 @@ class VLMChat:
                 yield text[len(emitted):]
                 emitted = text
         text = self.tokenizer.decode(tokens)  # a held-back incomplete character is flushed at the end
+        if usage is not None:
+            usage.record(int(inputs.attention_mask[0].sum()), tokens, stopped)
         if text != emitted and text.startswith(emitted):
             yield text[len(emitted):]
 
-    def stream(self, image: Image.Image | None, turns: Sequence[RoleTurn], sampling=None) -> Iterator[str]:
+    def stream(self, image: Image.Image | None, turns: Sequence[RoleTurn], sampling=None,
+               usage: Usage | None = None) -> Iterator[str]:
         """Text deltas of the answer to the last user turn; the last image's embeddings are reused."""
         question, history = _pairs(turns)
         embeds = None
@@ -114,18 +134,23 @@ class VLMChat:
             if self._cached is None or self._cached[0] is not image:
                 self._cached = (image, self.encode(image))
             embeds = self._cached[1]
-        return self.stream_pairs(image, embeds, question, history, sampling)
+        return self.stream_pairs(image, embeds, question, history, sampling, usage)
 
     def answer(self, image: ImageSource | None, question: str, history: Sequence[Turn] = (), sampling=None) -> str:
         picture = load_image(image) if image is not None else None
         return "".join(self.stream_pairs(picture, None if picture is None else self.encode(picture), question,
                                          history, sampling))
 
-    def answer_batch(self, images: Sequence, turns_list: Sequence[Sequence[RoleTurn]], sampling=None) -> list[str]:
-        """One answer per (image, turns); the rows run as one padded batch."""
+    def answer_batch(self, images: Sequence, turns_list: Sequence[Sequence[RoleTurn]], sampling=None,
+                     usages: Sequence[Usage] | None = None) -> list[str]:
+        """One answer per (image, turns); the rows run as one padded batch. `usages`, one per row, are filled in."""
         pairs = [_pairs(turns) for turns in turns_list]
         inputs = self.processor([q for q, _ in pairs], list(images), [h for _, h in pairs])
-        outputs = generate(self.model, inputs, self._config(sampling))
+        config = self._config(sampling)
+        outputs = generate(self.model, inputs, config)
+        for row, (usage, ids) in enumerate(zip(usages or (), outputs)):
+            # A row that did not stop ran into the token limit (or the context) before a stop token.
+            usage.record(int(inputs.attention_mask[row].sum()), ids, len(ids) < config.max_new_tokens)
         return [self.tokenizer.decode(ids) for ids in outputs]
 
     def caption(self, images: Sequence, prompt: str = "Describe the image.", sampling=None) -> list[str]:

@@ -24,8 +24,9 @@ Box = tuple[int, int, int, int]  # per mille: x0, y0, x1, y1 in 0..999
 PixelBox = tuple[float, float, float, float]
 
 # Boxes inside one group are joined by `];[`; `[^\[\]]` cannot match the separator's `]`, so the pattern never
-# backtracks ambiguously and stays linear on hostile input.
-_BOX_GROUP = re.compile(r"\[\[([^\[\]]*(?:\];\[[^\[\]]*)*)\]\]")
+# backtracks ambiguously and stays linear on hostile input. A stray separator before the closing brackets
+# (`[[1,2,3,4];]`) is tolerated.
+_BOX_GROUP = re.compile(r"\[\[([^\[\]]*(?:\];\[[^\[\]]*)*)\](?:;\s*)?\]")
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
 # A phrase starts after the last clause break before its boxes.
 _CLAUSE_BREAK = re.compile(r"[.!?;:,\n]")
@@ -86,6 +87,8 @@ def parse_grounding(text: str) -> Grounding:
         boxes = []
         for body in match.group(1).split(";"):
             body = body.strip().removeprefix("[").removesuffix("]")
+            if not body.strip():  # a stray separator: `[[1,2,3,4;]]`
+                continue
             try:
                 boxes.append(parse_box(body))
             except ValueError as error:

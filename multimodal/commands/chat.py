@@ -7,16 +7,20 @@ model together.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from multimodal.commands._options import add_model_options
+from multimodal.commands.ground import LIMITS
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("chat", help="chat about an image in the terminal (empty line or Ctrl-D ends)")
+    parser = subparsers.add_parser("chat", help="chat about an image in the terminal (empty line or Ctrl-D ends)",
+                                   description=__doc__ + "\n" + LIMITS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=None, help="image file to talk about")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) answers greedily")
     add_model_options(parser)
     parser.set_defaults(func=run)
 

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     add_model_options(parser)
     parser.set_defaults(func=main)
 

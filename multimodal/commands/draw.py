@@ -12,6 +12,7 @@ lone pipeline folder names its own text encoder and runs on one process.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from multimodal.commands._options import add_model_options
@@ -23,15 +24,32 @@ def register(subparsers) -> None:
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--out", default="image.png", help="output PNG path (default image.png)")
     parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
-    parser.add_argument("--height", type=int, default=None, help="final height in pixels (default: the model's)")
-    parser.add_argument("--width", type=int, default=None, help="final width in pixels (default: the model's)")
-    parser.add_argument("--steps", type=int, default=None, help="base-stage Heun steps (default: the model's)")
-    parser.add_argument("--relay-steps", type=int, default=None, help="relay-stage steps (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--num-images", type=int, default=1, help="images to draw, seeds seed, seed+1, ...")
-    parser.add_argument("--no-relay", action="store_true", help="stop after the base stage")
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="final height in pixels (default: the model's)")
+    parser.add_argument("--width", type=positive_int, default=None, help="final width in pixels (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="base-stage Heun steps (default: the model's)")
+    parser.add_argument("--relay-steps", type=positive_int, default=None,
+                        help="relay-stage steps (default: the model's)")
+    parser.add_argument("--guidance", type=non_negative_float, default=None, help="classifier-free guidance scale")
+    parser.add_argument("--num-images", type=positive_int, default=1, help="images to draw, seeds seed, seed+1, ...")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="stop after the base stage (drawn at its own resolution, then enlarged to the size)")
     add_model_options(parser)
     parser.set_defaults(func=main)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def pipeline_folder(checkpoint: str | None) -> Path:
@@ -76,18 +94,30 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    from PIL import Image
+
     from multimodal.tp import is_main_process
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, not {args.num_images}.")
     pipe = load_pipeline(args)
+    height, width = args.height or pipe.sizes[0][0], args.width or pipe.sizes[0][1]
+    if (height, width) not in pipe.sizes and is_main_process():
+        trained = ", ".join(f"{w}x{h}" for h, w in pipe.sizes)
+        print(f"warning: this model was trained to draw {trained}; at {width}x{height} expect a poor image.",
+              file=sys.stderr)
+    up = pipe.config.up_scale
+    if args.no_relay and (height % up or width % up):
+        raise ValueError(f"With --no-relay the size must be a multiple of {up} (the base stage draws at 1/{up}).")
+    # Without the relay stage the base stage still draws at its own scale (1/up_scale), as it was trained.
+    draw_height, draw_width = (height // up, width // up) if args.no_relay else (height, width)
     result = pipe(
-        args.prompt, negative_prompt=args.negative, height=args.height, width=args.width,
+        args.prompt, negative_prompt=args.negative, height=draw_height, width=draw_width,
         num_inference_steps=args.steps, relay_steps=args.relay_steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images, seed=args.seed, use_relay=not args.no_relay,
     )
     if not is_main_process():  # every rank drew the same images; one writes them
         return 0
+    if args.no_relay:
+        result.images = [image.resize((width, height), Image.Resampling.BICUBIC) for image in result.images]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for index, (image, base, seed) in enumerate(zip(result.images, result.base, result.seeds)):

@@ -1,4 +1,8 @@
-"""`multimodal eval ground|caption|vqa|draw`: the quality measures of DESIGN section 6 on the test split.
+"""`multimodal eval ground|caption|vqa|draw`: the quality measures of the README's quality table, on the test split.
+
+ground: Acc@IoU0.5 of referring expressions (as RefCOCO), split class-only / with-region; caption: object-set F1
+of captions against the scene; vqa: exact-match accuracy by topic; draw: all named objects present by the judge,
+CLIPScore, Frechet distance, relay against single stage.
 
 The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
 quantizes them after loading, as every command does. The draw measure also needs the judge (`--judge`, default

@@ -6,15 +6,24 @@ several ranks every rank computes the answer and only the first prints and saves
 
 from __future__ import annotations
 
+import argparse
+
 from multimodal.commands._options import add_model_options
+
+LIMITS = ("The embedded models know only the EmojiScenes world (OpenMoji animals, accessories, food, vehicles, plants "
+          "and things on plain backgrounds; `multimodal scene` shows one); they are not for photos. Pass "
+          "--checkpoint for a real CogVLM / GLM-4V checkpoint.")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("ground", help="ask about an image; print the answer and its boxes in pixels")
+    parser = subparsers.add_parser("ground", help="ask about an image; print the answer and its boxes in pixels",
+                                   description=__doc__ + "\n" + LIMITS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="image file")
     parser.add_argument("question", help='e.g. "Where is the dog?"')
     parser.add_argument("--save", default=None, help="write the image with the boxes drawn to this file")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="longest answer in tokens (default 256: a four-object grounded caption fits)")
     add_model_options(parser)
     parser.set_defaults(func=run)
 

@@ -1,0 +1,35 @@
+"""What a new user hit at the command line: a device the machine lacks, output piped into `head`, a box string with
+a stray separator (in test_vlm_grounding), draw options out of range."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from multimodal.cli import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "tpu"])
+def test_a_missing_device_is_one_sentence(device, capsys):
+    assert main(["ground", "missing.png", "Where is the dog?", "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_output_piped_into_head_ends_quietly():
+    command = f"{sys.executable} -m multimodal.cli --help | head -n 1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("usage: multimodal")
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+@pytest.mark.parametrize("option,value", [("--height", "0"), ("--steps", "0"), ("--width", "-64"),
+                                          ("--relay-steps", "0"), ("--guidance", "-1")])
+def test_draw_refuses_values_out_of_range(option, value, capsys):
+    with pytest.raises(SystemExit):
+        main(["draw", "a dog with a hat", option, value])
+    assert option in capsys.readouterr().err
