@@ -9,10 +9,13 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # imported by the functions that make tensors, so reading an image does not load torch
+    import torch
 
 # 64 megapixels: far above any model input, far below a bomb that would exhaust memory once decoded.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -107,6 +110,8 @@ def to_tensor(
     image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> torch.Tensor:
     """RGB image -> normalized float tensor [3, size, size]."""
+    import torch
+
     resized = resize_square(to_rgb(image), size)
     pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8)  # [size*size*3]
     pixels = pixels.view(size, size, 3).permute(2, 0, 1).float() / 255.0  # [3, size, size]
@@ -117,6 +122,8 @@ def to_tensor(
 
 def from_tensor(pixels: torch.Tensor) -> Image.Image:
     """A [3, H, W] tensor with values in [-1, 1] (the diffusion range) -> RGB image."""
+    import torch
+
     scaled = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, H, W]
     return Image.fromarray(scaled.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 

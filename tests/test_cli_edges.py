@@ -33,3 +33,15 @@ def test_draw_refuses_values_out_of_range(option, value, capsys):
     with pytest.raises(SystemExit):
         main(["draw", "a dog with a hat", option, value])
     assert option in capsys.readouterr().err
+
+
+def test_help_and_a_bad_image_do_not_load_torch(tmp_path):
+    """`multimodal --help` and an unreadable image answer before torch is imported (2 s and 650 MB on its own)."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    probe = ("import sys\nfrom multimodal.cli import build_parser, main\nbuild_parser()\n"
+             f"code = main(['ground', {str(bad)!r}, 'Where is the dog?'])\n"
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["1", "False"], result.stderr
+    assert "is not an image file" in result.stderr

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported when a benchmark runs, so `multimodal --help` stays fast
+    import torch
 
-from glm.convert import HF_TABLE
-from glm.generate import SamplingConfig, generate, pack_for_cpu
-from glm.model import GLMConfig, GLMModel, param_count
-from multimodal.checkpoint import build_on_meta, convert, load_into
+    from glm.model import GLMConfig
 
 
 def register(subparsers) -> None:
@@ -45,6 +44,7 @@ def register(subparsers) -> None:
 
 
 def hf_model_for(config: GLMConfig, dtype: torch.dtype, device: str, seed: int):
+    import torch
     from transformers import GlmConfig as HFGlmConfig
     from transformers import GlmForCausalLM
 
@@ -81,6 +81,13 @@ def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glm.convert import HF_TABLE
+    from glm.generate import SamplingConfig, generate, pack_for_cpu
+    from glm.model import GLMConfig, GLMModel, param_count
+    from multimodal.checkpoint import build_on_meta, convert, load_into
+
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     dtype = getattr(torch, args.dtype)

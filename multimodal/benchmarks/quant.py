@@ -17,23 +17,21 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # imported when a benchmark runs, so `multimodal --help` stays fast
+    from torch import nn
 
-from glm.generate import SamplingConfig, generate
-from glm.model import GLMConfig, GLMModel, param_count
-from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
-from multimodal.quantize import GROUP_SIZES, QuantSpec, quantize_model
+    from glm.model import GLMModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("quant", help="weight bytes and decode tokens/s: float vs INT8 vs INT4")
     parser.add_argument("--preset", default="bench-200m", help="model shape (a glm.model preset)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="float weights and activations")
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="INT4 group size")
+    parser.add_argument("--group-size", type=int, default=64, help="INT4 group size: 32, 64 or 128")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="Linear layers kept in float")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=16)
@@ -48,6 +46,8 @@ def register(subparsers) -> None:
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the state dict, bytes one decode step reads): an embedding lookup reads one row of its table."""
+    from torch import nn
+
     stored = sum(tensor.nbytes for tensor in model.state_dict().values())
     unread = sum(m.weight.nbytes - m.weight[0].nbytes for m in model.modules() if isinstance(m, nn.Embedding))
     return stored, stored - unread
@@ -63,6 +63,7 @@ def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int
                              repeats: int) -> dict[str, float]:
     """Best-of-`repeats` decode speed of each model; the models take turns, so load from other processes on a
     shared machine spreads over all of them instead of landing on one."""
+    from glm.generate import SamplingConfig, generate
 
     def generation(model: GLMModel, n: int):
         return lambda: generate(model, prompts, SamplingConfig(max_new_tokens=n))
@@ -78,10 +79,16 @@ def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from glm.model import GLMConfig, GLMModel, param_count
+    from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
+    from multimodal.quantize import QuantSpec, quantize_model
+
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 to time decoding.")
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     config = GLMConfig.from_preset(args.preset)
     if args.prompt_len + args.new_tokens > config.max_seq_len:
         raise ValueError(f"Prompt plus new tokens exceed the preset's context of {config.max_seq_len}.")

@@ -18,8 +18,10 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported when a benchmark runs, so `multimodal --help` stays fast
+    import torch
 
 MODELS = ("vlm", "diffusion", "judge")
 
@@ -51,6 +53,8 @@ class Bench:
 
 
 def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> Bench:
+    import torch
+
     from multimodal.assets import asset_path
     from multimodal.training.loop import TrainScenes, ValidationScenes
 
@@ -101,6 +105,8 @@ def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> B
 
 
 def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tokenizer, scenes: int) -> dict:
+    import torch
+
     from multimodal.training.loop import Runtime
 
     built = time.perf_counter()
@@ -133,6 +139,8 @@ def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tok
 
 def run(args: argparse.Namespace) -> int:
     import importlib
+
+    import torch
 
     from multimodal.assets import load_world_tokenizer
     from multimodal.training.loop import default_threads, native_bf16

@@ -16,10 +16,6 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from multimodal.captioning import Shard, collect_inputs, merge_parts, part_paths, read_done, run
 from multimodal.commands._options import add_model_options
 
 
@@ -39,6 +35,10 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from multimodal.captioning import Shard, collect_inputs, merge_parts, part_paths, read_done, run
     from multimodal.engine import Engine, Sampling
     from multimodal.tp import maybe_init_distributed
 

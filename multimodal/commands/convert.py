@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -25,6 +23,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from glm.convert import convert_checkpoint
 
     dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)

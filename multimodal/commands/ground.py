@@ -29,11 +29,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from multimodal.engine import Engine, Sampling
     from multimodal.image import load_image
+
+    image = load_image(args.image)  # a bad image fails before torch and the model are loaded
+
+    from multimodal.engine import Engine, Sampling
     from multimodal.tp import is_main_process
 
-    image = load_image(args.image)  # a bad image fails before the model is loaded
     engine = Engine.from_args(args)
     answer = engine.ground(image, args.question, Sampling(max_new_tokens=args.max_new_tokens, seed=args.seed))
     if not is_main_process():

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from multimodal.checkpoint import NATIVE_CONFIG, build_on_meta, load_into
-from multimodal.quantize import GROUP_SIZES, QuantSpec, convert_for_runtime, quantize_state_dict, save_quantized
+if TYPE_CHECKING:  # the command imports torch only when it runs, so `--help` stays fast
+    from multimodal.quantize import QuantSpec
 
 MODEL_KINDS = ("auto", "glm", "vlm")
 # Files a loader needs beside the weights; copied so the quantized folder loads on its own.
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("source", help="checkpoint folder (or weights file beside its config.json)")
     parser.add_argument("out", help="folder to write (model.safetensors + config.json)")
     parser.add_argument("--quant", choices=["int8", "int4"], required=True, help="weight-only scheme")
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64, help="INT4 group size")
+    parser.add_argument("--group-size", type=int, default=64, help="INT4 group size: 32, 64 or 128")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                         help="keep Linear layers whose name matches in float, e.g. 'output' or 'vision.*' (repeatable)")
     parser.add_argument("--model", choices=MODEL_KINDS, default="auto",
@@ -34,12 +35,15 @@ def register(subparsers) -> None:
 
 
 def _raw_config(source: Path) -> dict:
+    from multimodal.checkpoint import NATIVE_CONFIG
+
     config_path = (source if source.is_dir() else source.parent) / NATIVE_CONFIG
     return json.loads(config_path.read_text()) if config_path.exists() else {}
 
 
 def _read_float_checkpoint(source: Path, kind: str):
     """(meta model, float state dict, config dict) of a GLM or VLM checkpoint."""
+    from multimodal.checkpoint import build_on_meta
     if kind == "vlm":
         from vlm.convert import read_vlm_checkpoint
         from vlm.model import VisionLanguageModel
@@ -56,6 +60,9 @@ def _read_float_checkpoint(source: Path, kind: str):
 
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, model_kind: str = "auto") -> Path:
     """Read a float checkpoint, quantize its Linear weights one at a time, load strictly, write the native folder."""
+    from multimodal.checkpoint import load_into
+    from multimodal.quantize import convert_for_runtime, quantize_state_dict, save_quantized
+
     source = Path(source)
     if not source.exists():
         raise ValueError(f"The checkpoint {source} does not exist.")
@@ -75,6 +82,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, mo
 
 
 def run(args) -> int:
+    from multimodal.quantize import QuantSpec
+
     spec = QuantSpec(args.quant, args.group_size, tuple(args.exclude))
     out = quantize_checkpoint(args.source, args.out, spec, args.model)
     print(f"wrote {args.quant} checkpoint to {out}")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 MODELS = ("tokenizer", "judge", "vlm", "diffusion", "export")
 
 
@@ -46,6 +44,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from multimodal.training.loop import default_threads
 
     torch.set_num_threads(args.threads or default_threads())

@@ -51,7 +51,7 @@ GROWN_LAYERS = 2  # layers added on top of the language-stage core for the visio
 BOX_LOSS_WEIGHT = 5.0  # box L1 is in units of the image side: 0.05 off is a large miss at this scale
 LOOKUP_HEADS = 3  # heads of the first grown layer (one KV group) taught where a referred object is
 MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
-RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=32)
+RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=16)  # larger batches learned less per sample
 WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
 
 
