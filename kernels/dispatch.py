@@ -10,7 +10,8 @@ Backends:
   it is only slower there.
   Forcing "cpu" on such a shape is a ValueError.
 
-The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The bias is not handled here:
+The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The fused CPU kernels compute
+in bfloat16 whatever x's dtype (`_in_bf16`). The bias is not handled here:
 the modules in `multimodal/quantize.py` add it after the fused matmul.
 """
 
@@ -37,6 +38,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _in_bf16(flat: torch.Tensor, fused) -> torch.Tensor:
+    """Run a fused CPU kernel on float32 activations in bfloat16: torch's kernels have no fast float32 path (10x
+    slower per row at M = 1, and linear in the rows; `tests/test_kernels_any_cpu.py` checks the error stays at the
+    level of the weights' own rounding)."""
+    if flat.dtype != torch.float32:
+        return fused(flat.contiguous())
+    return fused(flat.to(torch.bfloat16).contiguous()).float()
+
+
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
@@ -61,7 +71,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
 
         out = int8_matmul_triton(flat, weight, scales)
     elif backend == "cpu":
-        out = int8_matmul_cpu(flat.contiguous(), weight, scales)
+        out = _in_bf16(flat, lambda x: int8_matmul_cpu(x, weight, scales))
     else:
         out = int8_matmul_ref(flat, weight, scales)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -102,7 +112,7 @@ def int4_linear(
 
         out = int4_matmul_triton(flat, weight, scales_and_zeros, group_size)
     elif backend == "cpu":
-        out = int4_matmul_cpu(flat.contiguous(), weight, scales_and_zeros, group_size)
+        out = _in_bf16(flat, lambda x: int4_matmul_cpu(x, weight, scales_and_zeros, group_size))
     else:
         out = int4_matmul_ref(flat, weight, scales_and_zeros, group_size)
     return out.reshape(*x.shape[:-1], out_features)

@@ -16,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 
 from multimodal import commands
 
@@ -72,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def _run(argv: list[str] | None) -> int:
+    warnings.formatwarning = _one_line_warning  # a user reads the sentence, not the source line behind it
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -24,6 +24,7 @@ divides the shard's input features and names the layer and a group size that wor
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -317,12 +318,18 @@ def selected_linears(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
 
 
 def _check_model(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linear]]:
-    """All selected layers, after checking every one (so a bad group size fails before any work is done)."""
+    """The selected layers that the scheme fits. An INT4 layer whose input width the group size does not divide
+    (the embedded DiTs' 48-wide patch embedding, say) stays in float, with one warning naming them all; the rule
+    depends only on shapes, so a checkpoint written this way loads back the same way."""
     linears = selected_linears(model, spec.exclude)
-    if spec.scheme == "int4":
-        for name, linear in linears:
-            check_group_size(linear.in_features, spec.group_size, name)
-    return linears
+    if spec.scheme != "int4":
+        return linears
+    unfit = [(name, linear.in_features) for name, linear in linears if linear.in_features % spec.group_size]
+    if unfit:
+        names = ", ".join(f"{name} ({features})" for name, features in unfit)
+        warnings.warn(f"INT4 group size {spec.group_size} does not divide the input features of {names}; "
+                      f"kept in float.", stacklevel=3)
+    return [(name, linear) for name, linear in linears if linear.in_features % spec.group_size == 0]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -117,9 +117,8 @@ def test_quant_on_a_float_suite_quantizes_vlm_and_denoisers_like_in_memory(engin
 
 def test_int4_with_exclude_keeps_the_misfit_layers_in_float(engine, suite, capsys):
     vlm_folder = suite / "vlm"  # a lone VLM: the tiny denoisers' 16-wide layers fit no INT4 group either
-    with pytest.raises(ValueError, match="layers.0.mlp.down: INT4 group size 32 does not divide its 88"):
-        Engine.load(vlm_folder, quant="int4", group_size=32)
-    loaded = Engine.load(vlm_folder, quant="int4", group_size=32, exclude=INT4_MISFITS)
+    with pytest.warns(UserWarning, match="does not divide the input features of layers.0.mlp.down"):
+        loaded = Engine.load(vlm_folder, quant="int4", group_size=32)  # the misfits stay float by themselves
     model = loaded.chat_model.model
     assert type(model.layers[0].mlp.down) is torch.nn.Linear
     assert isinstance(model.layers[0].attn.qkv, Int4WeightOnlyLinear)
@@ -132,8 +131,6 @@ def test_int4_with_exclude_keeps_the_misfit_layers_in_float(engine, suite, capsy
     random_image(7).save(image_path)
     arguments = ["ground", str(image_path), QUESTION, "--checkpoint", str(vlm_folder), "--max-new-tokens", "6",
                  "--quant", "int4", "--group-size", "32"]
-    assert main(arguments) == 1
-    assert "does not divide" in capsys.readouterr().err
     assert main(arguments + [f"--exclude={pattern}" for pattern in INT4_MISFITS]) == 0
     expected = VLMChat(twin, loaded.chat_model.tokenizer).answer(Image.open(image_path), QUESTION,
                                                                  sampling=Sampling(max_new_tokens=6))

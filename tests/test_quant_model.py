@@ -88,8 +88,10 @@ def test_quantized_stack_equals_float_stack_with_dequantized_weights(spec, gener
     x = torch.randn(3, 5, stack[0].in_features, generator=generator)
     with torch.no_grad():
         expected = dequantized(x)
-        for backend in ("auto", "reference"):
-            torch.testing.assert_close(set_backend(quantized, backend)(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(set_backend(quantized, "reference")(x), expected, rtol=1e-4, atol=1e-5)
+        # The fused CPU kernels compute in bfloat16: the same result to bfloat16's rounding.
+        fused = set_backend(quantized, "auto")(x)
+        assert ((fused - expected).norm() / expected.norm()).item() < 1e-2
     kinds = [type(module).__name__ for module in quantized]
     expected_kinds = {"int8": ["Int8WeightOnlyLinear", "GELU", "Int8WeightOnlyLinear", "Int8WeightOnlyLinear"],
                       "int4": ["Int4WeightOnlyLinear", "Linear", "GELU", "Int4WeightOnlyLinear"]}
@@ -179,12 +181,12 @@ def test_quantize_state_dict_matches_module_state_dict():
     assert quantize_state_dict(model.state_dict(), meta, spec).keys() == offline.keys()
 
 
-def test_group_size_that_does_not_divide_is_a_clear_error():
+def test_layers_the_group_size_does_not_fit_stay_float_and_are_named():
     model = _tiny_glm(config=GLMConfig.from_preset("tiny"))  # ffn 88: 32, 64 and 128 all fail
-    with pytest.raises(ValueError, match=r"Layer layers\.0\.mlp\.down: INT4 group size 32 does not divide its 88 "
-                                         r"input features; no supported group size .* use int8"):
+    with pytest.warns(UserWarning, match=r"group size 32 does not divide the input features of layers\.0\.mlp\.down "
+                                         r"\(88\), layers\.1\.mlp\.down \(88\); kept in float"):
         quantize_model(model, QuantSpec("int4", 32))
-    assert type(model.layers[0].attn.qkv) is nn.Linear  # checked before anything was swapped
+    assert type(model.layers[0].mlp.down) is nn.Linear and type(model.layers[0].attn.qkv) is Int4WeightOnlyLinear
     # A tensor-parallel shard (quantized after sharding) gets a group size that works.
     shard = nn.Linear(96, 64, bias=False)
     with pytest.raises(ValueError, match=r"Layer layers\.3\.mlp\.down: .* its 96 input features; use group size 32"):
