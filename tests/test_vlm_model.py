@@ -237,8 +237,7 @@ def test_templates_place_the_image_and_history():
     processor = Processor(tokenizer, VLMConfig.from_preset("tiny-glm4v"))
     before, after = processor.prompt_ids("Hi", [("Q", "A")])
     assert before == [3, 4, 5] + tokenizer.encode("\n")
-    assert after == tokenizer.encode("Q") + [6] + tokenizer.encode("\nA") + [5] + tokenizer.encode("\nHi") + [6] \
-        + tokenizer.encode("\n")
+    assert after == tokenizer.encode("Q") + [6] + tokenizer.encode("\nA") + [5] + tokenizer.encode("\nHi") + [6]
     with pytest.raises(ValueError, match="template"):
         Processor(tokenizer, VLMConfig.from_preset("tiny"), template="nope")
 
@@ -265,3 +264,15 @@ def test_a_conv_stem_vlm_saves_and_loads(tmp_path):
     assert loaded.vlm_config.vision.conv_stem == 3
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_glm4v_generation_prompt_ends_at_the_assistant_token():
+    """THUDM's glm-4v chat template ends the generation prompt at <|assistant|>; past answers follow a "\\n". The
+    suite's own model was trained with a "\\n" after the last <|assistant|> and keeps it."""
+    from vlm.processor import IMAGE, Special, template_pieces
+
+    glm4v = template_pieces("glm-4v", "Where is the dog?", [("Describe the image.", "A dog.")])
+    assert glm4v == [Special("[gMASK]"), Special("<sop>"), Special("<|user|>"), "\n", IMAGE, "Describe the image.",
+                     Special("<|assistant|>"), "\n", "A dog.", Special("<|user|>"), "\n", "Where is the dog?",
+                     Special("<|assistant|>")]
+    assert template_pieces("suite", "Where is the dog?")[-2:] == [Special("<|assistant|>"), "\n"]

@@ -45,8 +45,10 @@ def _cogvlm_text(query: str, history: Sequence[Turn], answer_format: str) -> str
     return f"{past}Question: {query} {answer_format}"
 
 
-def _glm_chat(query: str, history: Sequence[Turn]) -> list:
-    """GLM-4 chat: `[gMASK]<sop><|user|>\\n{image}{q}<|assistant|>\\n{a}<|user|>\\n{q}<|assistant|>`."""
+def _glm_chat(query: str, history: Sequence[Turn], trailing_newline: bool) -> list:
+    """GLM-4 chat: `[gMASK]<sop><|user|>\\n{image}{q}<|assistant|>\\n{a}<|user|>\\n{q}<|assistant|>`. THUDM's
+    glm-4v tokenizer ends the generation prompt at `<|assistant|>`; the suite's own model was trained with a
+    "\\n" after it (`trailing_newline`)."""
     turns = [*history, (query, None)]
     pieces: list = [Special("[gMASK]"), Special("<sop>")]
     for index, (question, answer) in enumerate(turns):
@@ -56,7 +58,8 @@ def _glm_chat(query: str, history: Sequence[Turn]) -> list:
         pieces += [question, Special("<|assistant|>")]
         if answer is not None:
             pieces += ["\n", answer]
-    pieces.append("\n")
+    if trailing_newline:
+        pieces.append("\n")
     return pieces
 
 
@@ -73,7 +76,7 @@ def template_pieces(template: str, query: str, history: Sequence[Turn] = ()) -> 
         return [Special("<s>" if template == "cogvlm-vqa" else "<|begin_of_text|>"), IMAGE,
                 _cogvlm_text(query, history, "Short answer:")]
     if template in ("glm-4v", "suite"):
-        return _glm_chat(query, history)
+        return _glm_chat(query, history, trailing_newline=template == "suite")
     raise ValueError(f"Unknown prompt template '{template}'; use one of {', '.join(TEMPLATES)}.")
 
 
