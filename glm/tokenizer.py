@@ -153,15 +153,29 @@ class GLMTokenizer:
     def prefix(self) -> list[int]:
         return [self.token_id(s) for s in self.prefix_names]
 
+    @property
+    def renders_chat_template(self) -> bool:
+        """GLM-4 vocabularies: the official chat template renders `<|role|>{metadata}\n{content}` as text and
+        tokenizes it whole (so a content that starts with a line break merges with the header's), and drops messages
+        with empty content. ChatGLM3 encodes the header and the content separately and keeps every message."""
+        return self.prefix_names == ("[gMASK]", "<sop>")
+
     def encode_message(self, role: str, content: str, metadata: str = "") -> list[int]:
+        """One message's ids. Text that looks like a special token ("<|user|>") stays plain text, unlike the official
+        template's rendering, so a user cannot forge a turn."""
         if role not in ROLES:
             raise ValueError(f"Unknown chat role {role!r}; known: {', '.join(ROLES)}.")
-        return [self.token_id(f"<|{role}|>")] + self.encode(f"{metadata}\n") + self.encode(content)
+        header = [self.token_id(f"<|{role}|>")]
+        if self.renders_chat_template:
+            return header + self.encode(f"{metadata}\n{content}")
+        return header + self.encode(f"{metadata}\n") + self.encode(content)
 
     def build_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation: dicts with `role`, `content` and optional `metadata` (e.g. a tool name)."""
         ids = self.prefix()
         for message in messages:
+            if self.renders_chat_template and not message["content"]:
+                continue  # the official GLM-4 template skips a message without content
             ids += self.encode_message(message["role"], message["content"], message.get("metadata", ""))
         if add_generation_prompt:
             ids.append(self.token_id("<|assistant|>"))

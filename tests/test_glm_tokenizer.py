@@ -117,3 +117,40 @@ def test_load_errors(tmp_path):
         GLMTokenizer.load(bogus)
     with pytest.raises(ValueError, match="Unknown chat role 'bot'"):
         train_bpe(CORPUS[:6], vocab_size=300).encode_message("bot", "hi")
+
+
+# The official GLM-4 chat template (tokenizer_config.json of glm-4-9b-chat, without its tools branch).
+GLM4_TEMPLATE = ("[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
+                 "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def _official_glm4_ids(tokenizer, messages) -> list[int]:
+    """Render the template as transformers does, then tokenize the text: specials where their spelling appears,
+    everything between them as plain text."""
+    import re
+
+    import jinja2
+
+    text = jinja2.Environment().from_string(GLM4_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    specials = sorted(tokenizer.special_ids, key=len, reverse=True)
+    ids = []
+    for piece in re.split("(" + "|".join(re.escape(s) for s in specials) + ")", text):
+        if piece in tokenizer.special_ids:
+            ids.append(tokenizer.token_id(piece))
+        elif piece:
+            ids += tokenizer.encode(piece)
+    return ids
+
+
+def test_glm4_chat_ids_equal_the_official_template_on_random_conversations(bpe, tiktoken_tokenizer):
+    import random
+
+    rng = random.Random(7)
+    pieces = ["", "\n", "\n\n", " ", "hello", "the object", "物体", "there\n", "  two spaces", "?"]
+    for tokenizer in (bpe, tiktoken_tokenizer[0]):
+        for _ in range(150):
+            messages = [{"role": rng.choice(["system", "user", "assistant", "observation"]),
+                         "content": "".join(rng.choice(pieces) for _ in range(rng.randrange(4))),
+                         "metadata": rng.choice(["", "", "get_weather"])} for _ in range(rng.randrange(1, 5))]
+            assert tokenizer.build_chat(messages) == _official_glm4_ids(tokenizer, messages), messages
