@@ -7,11 +7,14 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 env: $(STAMP) browser
 
-# The demo's browser test drives Debian's Chromium (no browser download at run time).
+# The demo's browser test drives Debian's Chromium (no browser download at run time); box labels in Chinese need a
+# CJK font (Debian's WenQuanYi Micro Hei), for saved images and for the browser alike.
+SYSTEM_PACKAGES := chromium chromium-driver fonts-wqy-microhei
 browser:
-	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && { apt-get install -y -q chromium chromium-driver >/dev/null \
-		|| { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } \
-		|| echo "warning: /usr/bin/chromium is missing and could not be installed; the browser test will fail"
+	@{ test -x /usr/bin/chromium && test -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc; } \
+		|| { test "$$(id -u)" = 0 && { apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; }; } \
+		|| echo "warning: $(SYSTEM_PACKAGES) could not be installed; the browser test will fail and Chinese labels will be boxes"
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -135,13 +135,33 @@ def draw_boxes(
     canvas = to_rgb(image).copy()
     draw = ImageDraw.Draw(canvas)
     line = width or max(1, round(min(canvas.size) / 100))
-    font = ImageFont.load_default(size=max(10, min(canvas.size) // 12))
+    font = label_font(max(10, min(canvas.size) // 12), any(not label.isascii() for label, _ in boxes))
     for index, (label, (x0, y0, x1, y1)) in enumerate(boxes):
         colour = BOX_COLOURS[index % len(BOX_COLOURS)]
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
         if label:
-            left, top, right, bottom = draw.textbbox((x0, y0), label, font=font)
-            text_top = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-            draw.rectangle((x0, text_top, x0 + (right - left) + 4, text_top + (bottom - top) + 2), fill=colour)
-            draw.text((x0 + 2, text_top - (top - y0)), label, fill="white", font=font)
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+            text_width, text_height = right - left + 4, bottom - top + 2
+            text_left = max(0, min(x0, canvas.width - text_width))  # inside the image, even near the right edge
+            text_top = y0 - text_height if y0 - text_height >= 0 else y0
+            draw.rectangle((text_left, text_top, text_left + text_width, text_top + text_height), fill=colour)
+            draw.text((text_left + 2 - left, text_top + 1 - top), label, fill="white", font=font)
     return canvas
+
+
+CJK_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+             "/System/Library/Fonts/PingFang.ttc", "C:/Windows/Fonts/msyh.ttc")
+
+
+def label_font(size: int, needs_cjk: bool) -> ImageFont.ImageFont:
+    """Pillow's default font, or for labels beyond ASCII a CJK-capable system font (`make` installs Debian's
+    WenQuanYi Micro Hei); without one, the default font and a warning that Chinese labels will show as boxes."""
+    if needs_cjk:
+        for path in CJK_FONTS:
+            if Path(path).exists():
+                return ImageFont.truetype(path, size)
+        import warnings
+
+        warnings.warn("No CJK font found (install fonts-wqy-microhei); Chinese box labels will show as empty boxes.",
+                      stacklevel=3)
+    return ImageFont.load_default(size=size)

@@ -87,3 +87,32 @@ def test_a_stray_separator_does_not_drop_a_valid_box():
         grounding = parse_grounding(text)
         assert [box for _, box in grounding.boxes] == expected and not grounding.problems
         assert "[" not in grounding.text and ";" not in grounding.text
+
+
+def test_each_phrase_is_the_noun_phrase_its_box_belongs_to():
+    from multimodal.world import make_scene, scene_tasks, split_seeds
+
+    for seed in split_seeds("val", 40):
+        scene = make_scene(seed)
+        for task in scene_tasks(scene):
+            if task.kind != "grounded_caption":
+                continue
+            phrases = [phrase for phrase, _ in parse_grounding(task.answer).boxes]
+            assert len(phrases) == len(scene.objects)
+            forbidden = (" and ", "wearing", "left", "right", "是", "的", "，", "上角", "下角")
+            for phrase in phrases:  # "a crown", "一只瓢虫", "老虎": no region words, no joining words
+                assert not any(word in phrase for word in forbidden)
+            names = {obj.cls.name if task.lang == "en" else obj.cls.zh for obj in scene.objects}
+            assert all(any(name in phrase for name in names) for phrase in phrases)
+
+
+def test_chinese_labels_are_drawn_with_their_glyphs():
+    import pytest
+
+    from multimodal.image import CJK_FONTS, draw_boxes
+
+    if not any(__import__("pathlib").Path(path).exists() for path in CJK_FONTS):
+        pytest.skip("no CJK font on this machine (make installs fonts-wqy-microhei)")
+    image = Image.new("RGB", (128, 128), "white")
+    dog, cat = (draw_boxes(image, [(label, (10.0, 40.0, 100.0, 120.0))]) for label in ("狗", "猫"))
+    assert dog.crop((10, 0, 60, 40)).tobytes() != cat.crop((10, 0, 60, 40)).tobytes()  # not the same empty box

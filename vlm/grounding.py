@@ -28,8 +28,10 @@ PixelBox = tuple[float, float, float, float]
 # (`[[1,2,3,4];]`) is tolerated.
 _BOX_GROUP = re.compile(r"\[\[([^\[\]]*(?:\];\[[^\[\]]*)*)\](?:;\s*)?\]")
 _INTEGER = re.compile(r"[+-]?\d{1,9}")
-# A phrase starts after the last clause break before its boxes.
-_CLAUSE_BREAK = re.compile(r"[.!?;:,\n]")
+# A phrase starts after the last clause break before its boxes, and after the last word that joins it to what came
+# before ("... at the top left and a taxi", "一只戴着皇冠", "的老虎"), so a label is the noun phrase its box belongs to.
+_CLAUSE_BREAK = re.compile(r"[.!?;:,\n，。；：！？、]")
+_JOINER = re.compile(r"\b(?:and|wearing)\b|是|戴着|的")
 MAX_COORD = 999
 
 
@@ -69,9 +71,12 @@ def _preview(text: str, limit: int = 40) -> str:
 
 
 def _phrase_before(text: str) -> str:
-    """The words right before a box group: everything after the last clause break."""
+    """The noun phrase right before a box group: what follows the last clause break and the last joining word."""
     breaks = list(_CLAUSE_BREAK.finditer(text))
     tail = text[breaks[-1].end():] if breaks else text
+    joiners = list(_JOINER.finditer(tail))
+    if joiners and tail[joiners[-1].end():].strip():
+        tail = tail[joiners[-1].end():]
     return " ".join(tail.split())
 
 
