@@ -11,8 +11,12 @@ one slot of Gradio's queue, so one model call runs at a time (the models share t
 QUEUE_SIZE wait; uploads are limited in size; a bad file or an impossible request shows one friendly sentence
 instead of a traceback.
 
-Components carry `elem_id`s (`chat-image`, `q`, `ask`, `chat`, `boxed`, `prompt`, `draw`, `base`, `relay`, ...),
-which the browser test uses.
+The model sees exactly the file the user gave: an upload arrives as a file (`chat-upload`) that the suite reads
+itself, as the CLI does (any mode, 16-bit PNGs included, with one friendly sentence for a file it cannot read), and
+the preview (`chat-image`) shows what the model sees; a made scene is handed over as a lossless PNG.
+
+Components carry `elem_id`s (`chat-upload`, `chat-image`, `q`, `ask`, `chat`, `boxed`, `prompt`, `draw`, `base`,
+`relay`, ...), which the browser test uses.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _friendly(error: Exception) -> gr.Error:
     return gr.Error(str(error), print_exception=False)
 
 
-def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
+def build_app(engine, max_new_tokens: int = 256) -> gr.Blocks:
     """The demo as a `gr.Blocks` over `engine`; call `launch(app)` (or `app.launch(...)`) to serve it."""
     sampling = Sampling(max_new_tokens=max_new_tokens)
 
@@ -54,13 +58,29 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
         except ImageError as error:  # name the upload, not the server's temporary copy
             raise gr.Error(str(error).replace(path, Path(path).name), print_exception=False) from None
 
+    def use_upload(path: str | None):
+        """The uploaded file as the model will read it: preview, source path, a new conversation; the upload box is
+        emptied again, ready for the next file."""
+        if path is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None
+        try:
+            image = load(path)
+        except gr.Error as error:
+            gr.Warning(error.message)  # a toast, not an error badge on every output
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None
+        return image, path, [], None, None
+
     def make_scene(seed: float):
-        return engine.scene(int(seed)), [], None
+        scene = engine.scene(int(seed))
+        path = Path(tempfile.mkdtemp(prefix="scene-")) / f"scene-{int(seed)}.png"
+        scene.save(path)  # lossless: the model reads these very pixels
+        return scene, str(path), [], None
 
     def ask(path: str | None, question: str, messages: list):
-        image = load(path)
         if not question.strip():
-            raise gr.Error("Type a question about the image.", print_exception=False)
+            gr.Warning("Type a question about the image.")
+            return
+        image = load(path)
         history = [(m["role"], _text(m["content"])) for m in messages]
         messages = [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         answer = ""
@@ -110,8 +130,11 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
         with gr.Tab("Chat & ground"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
-                                     elem_id="chat-image", height=320)
+                    upload = gr.File(label="Image file", file_types=["image"], type="filepath", elem_id="chat-upload",
+                                     height=120)
+                    image = gr.Image(label="What the model sees", interactive=False, format="png",
+                                     elem_id="chat-image", height=230)
+                    source = gr.State(None)  # the path of the file the model reads
                     with gr.Row():
                         scene_seed = gr.Number(value=0, precision=0, label="Scene seed", elem_id="scene-seed")
                         scene_button = gr.Button("Make a scene", elem_id="make-scene")
@@ -134,16 +157,17 @@ def build_app(engine, max_new_tokens: int = 128) -> gr.Blocks:
             files = gr.File(file_count="multiple", label="Images", elem_id="caption-files")
             grounded = gr.Checkbox(label="Grounded (with boxes)", elem_id="grounded")
             caption_button = gr.Button("Caption", variant="primary", elem_id="caption")
-            table = gr.Dataframe(headers=["image", "caption", "error"], interactive=False, elem_id="caption-table")
+            table = gr.Dataframe(headers=["image", "caption", "error"], interactive=False, elem_id="caption-table",
+                                 wrap=True, column_widths=["20%", "50%", "30%"])
             download = gr.File(label="captions.jsonl", interactive=False, elem_id="caption-jsonl")
 
         gr.Markdown(f"<small>{ATTRIBUTION}</small>")
 
-        scene_button.click(make_scene, [scene_seed], [image, chat, boxed])
-        image.upload(lambda: ([], None), None, [chat, boxed])  # a new image starts a new conversation
+        scene_button.click(make_scene, [scene_seed], [image, source, chat, boxed])
+        upload.upload(use_upload, [upload], [image, source, chat, boxed, upload])  # a new image: a new conversation
         clear.click(lambda: ([], None), None, [chat, boxed])
         for trigger in (ask_button.click, question.submit):
-            trigger(ask, [image, question, chat], [chat, boxed, question], concurrency_id=ENGINE_QUEUE)
+            trigger(ask, [source, question, chat], [chat, boxed, question], concurrency_id=ENGINE_QUEUE)
         caption_button.click(caption, [files, grounded], [table, download], concurrency_id=ENGINE_QUEUE)
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app

@@ -45,6 +45,8 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             raise ImageError(f"{name} is a directory, not an image file.") from None
         except OSError as error:
             raise ImageError(f"{name} could not be read ({error.strerror or error}).") from None
+        if not data:
+            raise ImageError(f"{name} is an empty file (0 bytes).")
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:

@@ -16,7 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from scripted_models import colour_of, scripted_engine
+from scripted_models import colour_of, fingerprint, scripted_engine
+
+from multimodal.image import load_image
+from multimodal.world import make_scene, render
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -48,8 +51,14 @@ def test_demo_in_a_browser(tmp_path):
     Image.new("RGB", (200, 200), (40, 160, 40)).save(photo)
     broken = tmp_path / "broken.png"
     broken.write_bytes(photo.read_bytes()[:80])
+    deep = tmp_path / "deep.png"  # 16-bit grey: a browser-side RGB conversion clips it to white
+    Image.new("I;16", (64, 48), 20000).save(deep)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
 
-    app = build_app(scripted_engine())
+    engine = scripted_engine()
+    engine.scene_maker = lambda seed: render(make_scene(seed))  # a real scene: a lossy hand-over would change it
+    app = build_app(engine)
     _, url, _ = launch(app, port=free_port(), block=False)
     problems: list[str] = []
     try:
@@ -61,7 +70,7 @@ def test_demo_in_a_browser(tmp_path):
             page.goto(url)
 
             # Chat & ground: upload, ask, see the streamed answer and the drawn box.
-            page.locator("#chat-image input[type=file]").set_input_files(str(photo))
+            page.locator("#chat-upload input[type=file]").set_input_files(str(photo))
             expect(page.locator("#chat-image img")).to_be_visible(timeout=20_000)
             page.locator("#q textarea").fill("Where is the dog?")
             page.locator("#ask").click()
@@ -98,6 +107,8 @@ def test_demo_in_a_browser(tmp_path):
             table = page.locator("#caption-table")
             expect(table).to_contain_text("truncated or corrupt", timeout=20_000)
             expect(table).to_contain_text("Describe the image. -> the thing")
+            error_header = table.get_by_text("error", exact=True).first.bounding_box()
+            assert error_header["x"] + error_header["width"] <= 1280  # the error column is on screen
             expect(page.locator("#caption-jsonl")).to_contain_text("captions.jsonl")
             page.screenshot(path=str(tmp_path / "caption.png"), full_page=True)
 
@@ -106,14 +117,30 @@ def test_demo_in_a_browser(tmp_path):
             page.locator("#q textarea").fill("   ")
             page.locator("#ask").click()
             expect(page.get_by_text("Type a question about the image.")).to_be_visible(timeout=20_000)
-            page.locator("#chat-image input[type=file]").set_input_files(str(broken))
-            page.locator("#q textarea").fill("Where is the dog?")
-            page.locator("#ask").click()
+            # Files Pillow cannot open: one sentence each, no error badges, and the model keeps the image it had.
             toast = page.get_by_test_id("toast-body")
-            expect(toast.get_by_text("'broken.png' is truncated or corrupt")).to_be_visible(timeout=20_000)
-            page.locator("#make-scene").click()  # a scene replaces the photo and starts a new conversation
-            expect(page.locator("#chat")).not_to_contain_text("Where is the dog?", timeout=20_000)
+            bad_files = ((broken, "'broken.png' is truncated or corrupt"), (empty, "'empty.jpg' is an empty file"))
+            for bad, sentence in bad_files:
+                page.locator("#chat-upload input[type=file]").set_input_files(str(bad))
+                expect(toast.get_by_text(sentence)).to_be_visible(timeout=20_000)
+            page.screenshot(path=str(tmp_path / "bad-upload.png"), full_page=True)
+            for component in ("#chat-upload", "#chat-image", "#boxed", "#chat"):
+                expect(page.locator(f"{component} .error")).to_have_count(0)
+
+            # The model sees the file as the CLI reads it: a 16-bit PNG is not clipped to white.
+            page.locator("#chat-upload input[type=file]").set_input_files(str(deep))
+            page.locator("#q textarea").fill("What is this?")
+            page.locator("#ask").click()
+            expect(page.locator("#chat")).to_contain_text("What is this? -> the thing", timeout=20_000)
+            expect(page.locator("#chat")).to_contain_text(fingerprint(load_image(deep)))
+
+            # A scene replaces the image, starts a new conversation and reaches the model losslessly.
+            page.locator("#make-scene").click()
+            expect(page.locator("#chat")).not_to_contain_text("What is this?", timeout=20_000)
             expect(page.locator("#chat-image img")).to_be_visible()
+            page.locator("#q textarea").fill("And this?")
+            page.locator("#ask").click()
+            expect(page.locator("#chat")).to_contain_text(fingerprint(render(make_scene(0))), timeout=20_000)
             browser.close()
 
         oversized = httpx.post(url.rstrip("/") + "/gradio_api/upload",
