@@ -180,9 +180,10 @@ def test_bench_glm_runs_and_prints_ratios(capsys):
     from multimodal.cli import main
 
     args = ["bench", "glm", "--vs", "transformers", "--preset", "tiny", "--batch-sizes", "1", "3", "--prompt-len", "5",
-            "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--plain"]
+            "--new-tokens", "4", "--repeats", "1", "--threads", "1", "--plain", "--bandwidth-mb", "64"]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert "measured read bandwidth" in out and "batch-1 decode is at most" in out
     for batch, total in ((1, 4), (3, 12)):
         assert f"(greedy tokens equal: {total}/{total})" in out.split(f"\n    {batch} | ours ratio")[1].split("\n")[0]
     assert out.count("ratio") == 4

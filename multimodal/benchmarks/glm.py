@@ -40,6 +40,7 @@ def register(subparsers) -> None:
                         help="wall time, or this process's CPU time (use with --threads 1 on a busy machine)")
     parser.add_argument("--plain", action="store_true",
                         help="also time our model with plain F.linear (no oneDNN weight prepacking)")
+    parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
     parser.set_defaults(func=run)
 
 
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from glm.convert import HF_TABLE
     from glm.generate import SamplingConfig, generate, pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
+    from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
+    from multimodal.benchmarks.quant import weight_bytes
     from multimodal.checkpoint import build_on_meta, convert, load_into
 
     torch.set_num_threads(args.threads)
@@ -105,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
           f"{args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
           f"best of {args.repeats}, {args.clock} clock")
 
-    header = f"{'batch':>5} | {'stack':<16} | {'prefill tok/s':>13} | {'decode tok/s':>12}"
+    bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
+    read_per_step = weight_bytes(plain)[1]  # every weight once per decode step (an embedding: one row)
+    print(f"weights read per decode step {read_per_step / 1e6:.1f} MB; measured read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, so batch-1 decode is at most {bandwidth / read_per_step:.1f} tok/s")
+    header = (f"{'batch':>5} | {'stack':<16} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'GB/s':>6} | "
+              f"{'% floor':>7}")
     rows = [header, "-" * len(header)]
     gen = torch.Generator().manual_seed(args.seed + 1)
     for batch in args.batch_sizes:
@@ -126,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         theirs = results["transformers"]
         total = sum(len(x) for x in theirs["tokens"])
         for name, result in results.items():
-            rows.append(f"{batch:>5} | {name:<16} | {result['prefill']:>13.1f} | {result['decode']:>12.1f}")
+            achieved, percent = floor_columns(read_per_step, result["decode"] / batch, bandwidth)
+            rows.append(f"{batch:>5} | {name:<16} | {result['prefill']:>13.1f} | {result['decode']:>12.1f} | "
+                        f"{achieved:>6.1f} | {percent:>6.1f}%")
         for name, result in results.items():
             if name == "transformers":
                 continue
