@@ -171,12 +171,22 @@ class GLMTokenizer:
         return header + self.encode(f"{metadata}\n") + self.encode(content)
 
     def build_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation: dicts with `role`, `content` and optional `metadata` (e.g. a tool name)."""
+        """Token ids of a conversation: dicts with `role`, `content` and optional `metadata` (e.g. a tool name) and
+        `tools` (OpenAI-style function tools, listed in a system prompt as `glm.tools` describes)."""
+        from glm.tools import chatglm3_system_content, glm4_tools_prompt
+
         ids = self.prefix()
         for message in messages:
-            if self.renders_chat_template and not message["content"]:
+            content, tools = message["content"], message.get("tools")
+            if tools and self.renders_chat_template:
+                ids += [self.token_id("<|system|>")] + self.encode(glm4_tools_prompt(tools))
+            elif tools and message["role"] == "system":
+                content = chatglm3_system_content(content, tools)
+            elif tools:
+                raise ValueError("ChatGLM3 takes tools in a system message only.")
+            if self.renders_chat_template and not content:
                 continue  # the official GLM-4 template skips a message without content
-            ids += self.encode_message(message["role"], message["content"], message.get("metadata", ""))
+            ids += self.encode_message(message["role"], content, message.get("metadata", ""))
         if add_generation_prompt:
             ids.append(self.token_id("<|assistant|>"))
         return ids

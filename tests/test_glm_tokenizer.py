@@ -119,20 +119,27 @@ def test_load_errors(tmp_path):
         train_bpe(CORPUS[:6], vocab_size=300).encode_message("bot", "hi")
 
 
-# The official GLM-4 chat template (tokenizer_config.json of glm-4-9b-chat, without its tools branch).
-GLM4_TEMPLATE = ("[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>"
-                 "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# The official GLM-4 chat template (tokenizer_config.json of glm-4-9b-chat; of its tools branch only the function
+# tools, the one kind the suite supports).
+GLM4_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n你是一个名为 ChatGLM 的"
+    "人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。"
+    "\n\n# 可用工具"
+    "{% set tools = item['tools'] %}{% for tool in tools %}{% if tool['type'] == 'function' %}\n\n## "
+    "{{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json 格式"
+    "表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}<|{{ item['role'] }}|>"
+    "{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def _official_glm4_ids(tokenizer, messages) -> list[int]:
-    """Render the template as transformers does, then tokenize the text: specials where their spelling appears,
-    everything between them as plain text."""
+    """Render the template with transformers' own template engine (its `tojson` keeps non-ASCII text), then tokenize
+    the text: specials where their spelling appears, everything between them as plain text."""
     import re
 
-    import jinja2
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    text = jinja2.Environment().from_string(GLM4_TEMPLATE).render(messages=messages, add_generation_prompt=True)
+    text = _compile_jinja_template(GLM4_TEMPLATE).render(messages=messages, add_generation_prompt=True)
     specials = sorted(tokenizer.special_ids, key=len, reverse=True)
     ids = []
     for piece in re.split("(" + "|".join(re.escape(s) for s in specials) + ")", text):
@@ -141,6 +148,31 @@ def _official_glm4_ids(tokenizer, messages) -> list[int]:
         elif piece:
             ids += tokenizer.encode(piece)
     return ids
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "查询某地的天气 (the weather somewhere)",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_glm4_tools_prompt_equals_the_official_template(bpe, tiktoken_tokenizer):
+    messages = [{"role": "system", "content": "", "tools": [WEATHER]}, {"role": "user", "content": "北京天气?"},
+                {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+                {"role": "observation", "content": '{"temperature": 21}'}]
+    for tokenizer in (bpe, tiktoken_tokenizer[0]):
+        assert tokenizer.build_chat(messages) == _official_glm4_ids(tokenizer, messages)
+
+
+def test_tool_calls_parse_in_both_formats():
+    from glm.tools import ToolCall, parse_tool_call, tool_names
+
+    names = tool_names([WEATHER])
+    assert parse_tool_call('get_weather\n{"city": "北京"}', names) == ToolCall("get_weather", {"city": "北京"})
+    assert parse_tool_call("get_weather\n```python\ntool_call(city='Paris', days=2)\n```", names) == ToolCall(
+        "get_weather", {"city": "Paris", "days": 2})
+    code = "get_weather\n```python\nos.system('x')\n```"
+    for reply in ("It is sunny.", "get_time\n{}", "get_weather\nnot json", code):
+        assert parse_tool_call(reply, names) is None
 
 
 def test_glm4_chat_ids_equal_the_official_template_on_random_conversations(bpe, tiktoken_tokenizer):
@@ -154,3 +186,18 @@ def test_glm4_chat_ids_equal_the_official_template_on_random_conversations(bpe, 
                          "content": "".join(rng.choice(pieces) for _ in range(rng.randrange(4))),
                          "metadata": rng.choice(["", "", "get_weather"])} for _ in range(rng.randrange(1, 5))]
             assert tokenizer.build_chat(messages) == _official_glm4_ids(tokenizer, messages), messages
+
+
+def test_chatglm3_tools_go_into_the_system_message_as_thudm_builds_it(sentencepiece_tokenizer):
+    import json
+
+    tokenizer, _ = sentencepiece_tokenizer
+    messages = [{"role": "system", "content": "Answer briefly.", "tools": [WEATHER]},
+                {"role": "user", "content": "weather in Paris?"}]
+    system = "Answer briefly." + "\n" + json.dumps([WEATHER], indent=4, ensure_ascii=False)
+    header = [tokenizer.token_id("<|system|>")] + tokenizer.encode("\n")
+    user = [tokenizer.token_id("<|user|>")] + tokenizer.encode("\n") + tokenizer.encode("weather in Paris?")
+    expected = tokenizer.prefix() + header + tokenizer.encode(system) + user + [tokenizer.token_id("<|assistant|>")]
+    assert tokenizer.build_chat(messages) == expected
+    with pytest.raises(ValueError, match="system message only"):
+        tokenizer.build_chat([{"role": "user", "content": "hi", "tools": [WEATHER]}])
