@@ -5,6 +5,8 @@
 - caption: object-set F1 between the classes a caption names (`world.mentioned_classes`) and the scene's objects,
   averaged over captions.
 - vqa: exact match of the normalised answer (case, surrounding spaces and a final full stop ignored).
+- chat: the vqa questions asked as the first turn and as a follow-up after "Describe the image." (the model's own
+  caption as the first answer; the image encoded once): exact match of each, and the gap.
 - draw: on prompts of test scenes of the drawing world, the judge's zero-shot presence (all named objects found),
   CLIPScore, and a Frechet distance in the judge's image features to the rendered test scenes; the same for a
   single-stage 64x64 model given the same denoiser FLOPs as base + relay, so relay and single stage compare at
@@ -26,6 +28,7 @@ from vlm.grounding import parse_grounding
 
 BARS = {"ground": 0.90, "caption": 0.90, "vqa": 0.85, "draw": 0.80}
 MAX_NEW_TOKENS = {"ground": 24, "caption": 64, "vqa": 8}
+FOLLOW_UP_GAP = 0.02  # a follow-up may lose at most this much against the same question asked first
 
 
 @dataclass
@@ -82,15 +85,26 @@ def caption_f1(predicted: set[str], expected: set[str]) -> float:
 
 
 Answer = Callable[[list[Image.Image], list[str], int], list[str]]  # (images, questions, max_new_tokens) -> answers
+# (images, conversations of (role, text) turns ending with the user's, max_new_tokens) -> answers
+AnswerTurns = Callable[[list[Image.Image], list[list[tuple[str, str]]], int], list[str]]
+
+
+def answer_turns_with(chat_model) -> AnswerTurns:
+    """An `AnswerTurns` from a `vlm.chat.VLMChat`: greedy replies, one padded batch."""
+    from multimodal.engine import Sampling
+
+    def answer(images, conversations, max_new_tokens):
+        return chat_model.answer_batch(images, conversations, Sampling(max_new_tokens=max_new_tokens))
+
+    return answer
 
 
 def answer_with(chat_model) -> Answer:
     """An `Answer` from a `vlm.chat.VLMChat`: greedy replies to single-turn questions, one padded batch."""
-    from multimodal.engine import Sampling
+    answer_turns = answer_turns_with(chat_model)
 
     def answer(images, questions, max_new_tokens):
-        turns = [[("user", question)] for question in questions]
-        return chat_model.answer_batch(images, turns, Sampling(max_new_tokens=max_new_tokens))
+        return answer_turns(images, [[("user", question)] for question in questions], max_new_tokens)
 
     return answer
 
@@ -120,12 +134,13 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     accuracy of each question topic (count, presence, background, neighbour, wearing, size)."""
     task_kind = {"ground": "refer", "caption": "caption", "vqa": "vqa"}[kind]
     items = eval_tasks(task_kind, count)
-    scores, outcomes, groups = [], [], []
+    scores, outcomes, groups, languages = [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         replies = answer([render(scene) for scene, _ in chunk], [task.prompt for _, task in chunk],
                          MAX_NEW_TOKENS[kind])
         for (scene, task), reply in zip(chunk, replies):
+            languages.append(task.lang)
             if kind == "ground":
                 outcomes.append(grounding_outcome(reply, scene, task.target))
                 scores.append(float(outcomes[-1] == "hit"))
@@ -139,10 +154,36 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
                 groups.append(f"{task.topic} Acc")
     measure = {"ground": "Acc@IoU0.5", "caption": "object-set F1", "vqa": "exact match"}[kind]
     details = {f"{miss} share": outcomes.count(miss) / len(outcomes) for miss in GROUNDING_MISSES} if outcomes else {}
-    for group in sorted(set(groups)):
-        picked = [score for score, name in zip(scores, groups) if name == group]
-        details[f"{group} ({len(picked)})"] = sum(picked) / len(picked)
+    for labels in (groups, languages):
+        for group in sorted(set(labels)):
+            picked = [score for score, name in zip(scores, labels) if name == group]
+            details[f"{group} ({len(picked)})"] = sum(picked) / len(picked)
     return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
+
+
+def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -> Result:
+    """The vqa questions as the first turn, and again as the second turn after "Describe the image." (in the
+    question's language) answered by the model itself. The value is the follow-up accuracy; the bar is the
+    first-turn accuracy less `FOLLOW_UP_GAP`."""
+    from multimodal.world import CAPTION_PROMPTS
+
+    items = eval_tasks("vqa", count)
+    first, follow = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images = [render(scene) for scene, _ in chunk]
+        openers = [CAPTION_PROMPTS[task.lang] for _, task in chunk]
+        captions = answer(images, [[("user", opener)] for opener in openers], MAX_NEW_TOKENS["caption"])
+        alone = answer(images, [[("user", task.prompt)] for _, task in chunk], MAX_NEW_TOKENS["vqa"])
+        after = answer(images, [[("user", opener), ("assistant", caption), ("user", task.prompt)]
+                                for opener, caption, (_, task) in zip(openers, captions, chunk)], MAX_NEW_TOKENS["vqa"])
+        for (_, task), reply_alone, reply_after in zip(chunk, alone, after):
+            expected = normalise_answer(task.answer)
+            first.append(float(normalise_answer(reply_alone) == expected))
+            follow.append(float(normalise_answer(reply_after) == expected))
+    first_turn, follow_up = sum(first) / len(first), sum(follow) / len(follow)
+    return Result("chat", "follow-up exact match", follow_up, len(follow), first_turn - FOLLOW_UP_GAP,
+                  {"first-turn exact match": first_turn, "gap": first_turn - follow_up})
 
 
 def equal_compute_steps(pipeline, single, text_len: int) -> int:

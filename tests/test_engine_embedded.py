@@ -48,3 +48,22 @@ def test_drawing_a_dog_with_a_hat_gives_both_stages(engine):
     height, width = engine.draw_sizes[0]
     assert drawing.relay[0].size == (width, height)
     assert drawing.base[0].size[0] < width
+
+
+def test_follow_up_eval_asks_the_same_questions_first_and_after_a_caption():
+    from multimodal.evaluation import FOLLOW_UP_GAP, eval_tasks, evaluate_follow_ups
+
+    truth = {task.prompt: task.answer for _, task in eval_tasks("vqa", 12)}
+    seen = []
+
+    def forgetful(images, conversations, max_new_tokens):  # right as a first turn, wrong as a follow-up
+        seen.extend(len(turns) for turns in conversations)
+        return [truth.get(turns[-1][1], "a caption") if len(turns) == 1 else "no" for turns in conversations]
+
+    result = evaluate_follow_ups(forgetful, 12, batch_size=5)
+    assert sorted(set(seen)) == [1, 3] and seen.count(3) == 12  # opener + caption + the question
+    assert result.details["first-turn exact match"] == 1.0 and not result.passed
+    assert result.value == pytest.approx(sum(a == "no" for a in truth.values()) / 12)
+    steady = evaluate_follow_ups(lambda i, c, m: [truth.get(t[-1][1], "a caption") for t in c], 12)
+    assert steady.value == 1.0 and steady.details["gap"] == 0 and steady.passed
+    assert steady.bar == pytest.approx(1.0 - FOLLOW_UP_GAP)

@@ -1,7 +1,9 @@
-"""`multimodal eval ground|caption|vqa|draw`: the quality measures of the README's quality table, on the test split.
+"""`multimodal eval ground|caption|vqa|chat|draw`: the quality measures of the README's quality table, on the test
+split.
 
 ground: Acc@IoU0.5 of referring expressions (as RefCOCO), split class-only / with-region; caption: object-set F1
-of captions against the scene; vqa: exact-match accuracy by topic; draw: all named objects present by the judge,
+of captions against the scene; vqa: exact-match accuracy by topic and language; chat: the vqa questions as the first
+turn and as a follow-up after "Describe the image."; draw: all named objects present by the judge,
 CLIPScore, Frechet distance, relay against single stage.
 
 The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from multimodal.commands._options import add_model_options
 
-TASKS = ("ground", "caption", "vqa", "draw")
+TASKS = ("ground", "caption", "vqa", "chat", "draw")
 
 
 def register(subparsers) -> None:
@@ -34,7 +36,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from multimodal.engine import Engine
-    from multimodal.evaluation import answer_with, evaluate_draw, evaluate_understanding
+    from multimodal.evaluation import (
+        answer_turns_with,
+        answer_with,
+        evaluate_draw,
+        evaluate_follow_ups,
+        evaluate_understanding,
+    )
 
     engine = Engine.from_args(args)
     count = args.count or (64 if args.task == "draw" else 200)
@@ -43,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "draw":
         result = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge), count,
                                seed=args.seed)
+    elif args.task == "chat":
+        result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count)
     else:
         result = evaluate_understanding(args.task, answer_with(engine.chat_model), count)
     print(result.line() + (f" [{args.quant}]" if args.quant != "none" else ""))
