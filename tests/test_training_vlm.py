@@ -305,3 +305,34 @@ def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
     with pytest.raises(ValueError, match="not a grown world VLM"):
         train_vlm(tmp_path / "bad", tokenizer, steps=1, settings=VLM_LOOP, scenes=4,
                   init=tmp_path / "first" / "language" / "model")
+
+
+def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answer():
+    import random
+
+    from multimodal.training.vlm import earlier_turns
+
+    tokenizer = load_world_tokenizer()
+    config = world_vlm_config(tokenizer.vocab_size)
+    processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
+    scene = make_scene(split_seeds("train", 1)[0])
+    task = next(t for t in scene_tasks(scene) if t.kind == "vqa" and t.lang == "zh")
+    history = earlier_turns(scene, task, random.Random(3))
+    assert 1 <= len(history) <= 3 and all(question != task.prompt for question, _ in history)
+    assert all((question, answer) in {(t.prompt, t.answer) for t in scene_tasks(scene)} for question, answer in history)
+    (before, after), = answer_rows(processor, tokenizer, [task], with_image=True, histories=[history])[0]
+    lengths = answer_rows(processor, tokenizer, [task], with_image=True, histories=[history])[1]
+    expected_after = []
+    for index, (question, answer) in enumerate(history):
+        if index:
+            expected_after += [tokenizer.token_id("<|user|>")] + tokenizer.encode("\n")
+        expected_after += tokenizer.encode(question) + [tokenizer.token_id("<|assistant|>")]
+        expected_after += tokenizer.encode("\n") + tokenizer.encode(answer)
+    expected_after += [tokenizer.token_id("<|user|>")] + tokenizer.encode("\n") + tokenizer.encode(task.prompt)
+    expected_after += [tokenizer.token_id("<|assistant|>")] + tokenizer.encode("\n")
+    answer_ids = tokenizer.encode(task.answer) + [tokenizer.token_id("<|user|>")]
+    assert after == expected_after + answer_ids and lengths == [len(answer_ids)]
+    assert before.count(tokenizer.token_id("<|user|>")) == 1  # the image sits in the first user turn only
+    inputs = processor.layout([(before, after)], config.image_tokens, torch.zeros(1, 3, 64, 64))
+    assert inputs.image_start == len(before) and inputs.input_ids.shape[1] == len(before) + config.image_tokens + len(
+        after)

@@ -53,6 +53,7 @@ LOOKUP_HEADS = 3  # heads of the first grown layer (one KV group) taught where a
 MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding dimension (1 = no constant part)
 RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=16)  # larger batches learned less per sample
 WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
+FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
 
 
 
@@ -100,12 +101,24 @@ def sample_task(scene: Scene, kind: str, rng: random.Random) -> Task:
     return rng.choice([t for t in scene_tasks(scene) if t.kind == kind])
 
 
-def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task], with_image: bool):
-    """(before, after) token rows with the answer and stop token appended, and the answer lengths."""
+def earlier_turns(scene: Scene, task: Task, rng: random.Random) -> tuple[tuple[str, str], ...]:
+    """One to three earlier (question, answer) turns about the same scene in the task's language, so the model learns
+    to answer a question that comes after others (the image stays in the first turn)."""
+    options = [t for t in scene_tasks(scene)  # grounded captions are long: the context holds three earlier turns
+               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption") and t.prompt != task.prompt]
+    picked = rng.sample(options, min(len(options), rng.randint(1, MAX_EARLIER_TURNS)))
+    return tuple((t.prompt, t.answer) for t in picked)
+
+
+def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task], with_image: bool,
+                histories: list[tuple] | None = None):
+    """(before, after) token rows with the answer and stop token appended, and the answer lengths; each row after its
+    history of earlier turns when `histories` are given."""
     stop = tokenizer.token_id(STOP_TOKEN)
     rows, lengths = [], []
-    for task in tasks:
-        before, after = processor.prompt_ids(task.prompt, with_image=with_image)
+    for index, task in enumerate(tasks):
+        history = histories[index] if histories is not None else ()
+        before, after = processor.prompt_ids(task.prompt, history, with_image=with_image)
         answer = tokenizer.encode(task.answer) + [stop]
         rows.append((before, after + answer))
         lengths.append(len(answer))
@@ -404,7 +417,9 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
         seeds = pool.batch_seeds(rng, batch_size)
         scenes = [pool.scene(s) for s in seeds]
         tasks = [sample_task(scene, kind, rng) for scene in scenes]
-        rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True)
+        histories = [earlier_turns(scene, task, rng) if rng.random() < FOLLOW_UP_SHARE else ()
+                     for scene, task in zip(scenes, tasks)]
+        rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True, histories=histories)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
         inputs = processor.layout(rows, config.image_tokens, pixels).to(device)
         features = model.vision(inputs.pixels)  # [B, g*g, W]
