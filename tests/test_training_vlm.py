@@ -336,3 +336,21 @@ def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answ
     inputs = processor.layout([(before, after)], config.image_tokens, torch.zeros(1, 3, 64, 64))
     assert inputs.image_start == len(before) and inputs.input_ids.shape[1] == len(before) + config.image_tokens + len(
         after)
+
+
+def test_the_recipe_trains_exports_and_evaluates_every_embedded_model(tmp_path):
+    import json
+
+    from multimodal.assets import asset_path
+    from multimodal.training.recipe import RecipeSteps, run_recipe
+
+    torch.set_num_threads(1)
+    steps = RecipeSteps().scaled(1e-6)  # one step per stage: the pipeline, not the quality
+    assert set(vars(steps).values()) == {1}
+    record = run_recipe(tmp_path, asset_path("tokenizer.json"), steps=steps, eval_count=4, draw_count=2, scenes=8)
+    assert set(record["seconds"]) == {"vlm", "judge", "diffusion", "export", "eval"}
+    assert set(record["measures"]) == {"ground", "caption", "vqa", "chat", "draw"}
+    assert all(0 <= measure["value"] for measure in record["measures"].values())
+    assert json.loads((tmp_path / "recipe.json").read_text()) == json.loads(json.dumps(record))
+    for part in ("vlm", "diffusion", "judge", "tokenizer.json"):
+        assert (tmp_path / "suite" / part).exists()

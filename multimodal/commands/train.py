@@ -1,5 +1,6 @@
 """`multimodal train tokenizer|judge|vlm|diffusion|export`: train the embedded default models on the EmojiScenes
-world, then export the runs as a suite folder.
+world, then export the runs as a suite folder; `recipe` does all of it in one command (`--device cuda` on a GPU)
+and evaluates the result.
 
 Runs resume from their folder (`--out`), print progress (each loss component, samples/s, and for the diffusion
 models how much the prompt lowers the loss), and use every core by default (`--threads 1` lets jobs share a CPU).
@@ -13,9 +14,10 @@ produced the shipped models is in the README.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-MODELS = ("tokenizer", "judge", "vlm", "diffusion", "export")
+MODELS = ("tokenizer", "judge", "vlm", "diffusion", "export", "recipe")
 
 
 def register(subparsers) -> None:
@@ -40,6 +42,9 @@ def register(subparsers) -> None:
     parser.add_argument("--init", default=None,
                         help="vlm: continue a finished VLM (e.g. multimodal/assets/vlm) with a vision stage of its own")
     parser.add_argument("--runs", default="runs", help="export: the folder holding the vlm, diffusion and judge runs")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="recipe: multiply every stage's steps (the defaults are the CPU recipe's)")
+    parser.add_argument("--eval-count", type=int, default=1000, help="recipe: test items per understanding measure")
     parser.set_defaults(func=run)
 
 
@@ -66,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
         runs = Path(args.runs)
         tokenizer = Path(args.tokenizer) if args.tokenizer else asset_path("tokenizer.json")
         print(f"exported {export_suite(runs, tokenizer, out)}")
+        return 0
+
+    if args.model == "recipe":
+        from multimodal.assets import asset_path
+        from multimodal.training.recipe import RecipeSteps, run_recipe
+
+        record = run_recipe(out, Path(args.tokenizer) if args.tokenizer else asset_path("tokenizer.json"),
+                            args.device, RecipeSteps().scaled(args.scale), args.seed, args.eval_count,
+                            max(2, args.eval_count // 5))
+        print(json.dumps(record["seconds"]))
         return 0
 
     from multimodal.assets import load_world_tokenizer
