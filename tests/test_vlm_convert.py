@@ -225,3 +225,55 @@ def test_an_open_clip_tower_feeds_the_glm_core(generator, tmp_path):
         model.vision.load_open_clip_state(user)
     with torch.no_grad():
         assert not torch.allclose(model.encode_image(pixels), embeds)
+
+
+def _official_config(format: str, config: VLMConfig) -> dict:
+    """config.json as the official config classes write it (CogVLMConfig / ChatGLMConfig names)."""
+    text, vision = config.text, config.vision
+    tower = {"image_size": vision.image_size, "patch_size": vision.patch_size, "hidden_size": vision.width,
+             "num_hidden_layers": vision.depth, "num_heads": vision.heads, "intermediate_size": vision.mlp_dim,
+             "layer_norm_eps": vision.norm_eps}
+    if format == "glm-4v":
+        return {"padded_vocab_size": text.vocab_size, "hidden_size": text.hidden_size, "num_layers": text.num_layers,
+                "num_attention_heads": text.num_heads, "multi_query_attention": True,
+                "multi_query_group_num": text.num_kv_groups, "kv_channels": text.head_dim,
+                "ffn_hidden_size": text.ffn_hidden_size, "layernorm_epsilon": text.norm_eps,
+                "seq_length": text.max_seq_len, "rope_ratio": text.rope_ratio,
+                "vision_config": {**tower, "scaling_factor": config.adapter.scaling_factor}}
+    values = {"vocab_size": text.vocab_size, "hidden_size": text.hidden_size, "num_hidden_layers": text.num_layers,
+              "num_attention_heads": text.num_heads, "intermediate_size": text.ffn_hidden_size,
+              "rms_norm_eps": text.norm_eps, "max_position_embeddings": text.max_seq_len,
+              "rope_theta": 10000.0 * text.rope_ratio, "vision_config": tower}
+    if format == "cogvlm2":
+        values["num_multi_query_heads"] = text.num_kv_groups
+    return values
+
+
+@pytest.mark.parametrize("format", list(CASES))
+def test_every_size_comes_from_the_checkpoints_config_json(format, generator, tmp_path):
+    """A checkpoint whose widths, heads, KV groups, FFN, depth and tower differ from the published model's loads from
+    its config.json alone, and a config that contradicts itself is one sentence."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from vlm.convert import config_from_foreign
+
+    preset = VLMConfig.from_preset(CASES[format][0])
+    groups = 2 if format != "cogvlm" else 6
+    text = replace(preset.text, hidden_size=96, num_heads=6, num_kv_groups=groups, head_dim=16, ffn_hidden_size=120,
+                   num_layers=3, vocab_size=300)
+    vision = replace(preset.vision, width=48, depth=3, heads=3, mlp_dim=80)
+    conv = None if preset.adapter.conv_width is None else (96 if format == "glm-4v" else 48)
+    config = replace(preset, text=text, vision=vision, rotary_dim=16 if preset.rotary_dim else None,
+                     adapter=replace(preset.adapter, vision_width=48, hidden=96, ffn=120, conv_width=conv))
+    values = _official_config(format, config)
+    assert config_from_foreign(format, values) == config
+    foreign = random_state(CASES[format][1](config), generator)
+    save_file(foreign, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    model = load_vlm(tmp_path)
+    assert model.vlm_config == config and model.layers[2].mlp.down.weight.shape == (96, 120)
+    heads_key = "num_attention_heads"
+    with pytest.raises(CheckpointError, match="not divisible|do not split"):
+        config_from_foreign(format, {**values, heads_key: 7})

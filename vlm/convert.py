@@ -154,25 +154,67 @@ def detect_format(keys, config_values: Mapping | None = None) -> str:
     )
 
 
+# Where each size lives in the official config classes: CogVLM's and CogVLM2's `CogVLMConfig` (LLaMA-style names, with
+# `num_multi_query_heads` for CogVLM2's grouped queries) and GLM-4V's `ChatGLMConfig`; both keep the tower's sizes
+# in `vision_config`.
+_TEXT_FIELDS = {
+    "cogvlm": {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+               "num_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size", "norm_eps": "rms_norm_eps",
+               "max_seq_len": "max_position_embeddings"},
+    "glm-4v": {"vocab_size": "padded_vocab_size", "hidden_size": "hidden_size", "num_layers": "num_layers",
+               "num_heads": "num_attention_heads", "ffn_hidden_size": "ffn_hidden_size",
+               "norm_eps": "layernorm_epsilon", "max_seq_len": "seq_length", "head_dim": "kv_channels"},
+}
+_VISION_FIELDS = {"image_size": "image_size", "patch_size": "patch_size", "width": "hidden_size",
+                  "depth": "num_hidden_layers", "heads": "num_heads", "mlp_dim": "intermediate_size",
+                  "norm_eps": "layer_norm_eps"}
+
+
 def config_from_foreign(format: str, values: Mapping) -> VLMConfig:
-    """The preset of the format, with the language sizes config.json states (vocab, layers, widths, eps)."""
+    """The model's shapes as the checkpoint's config.json states them, in the official config classes' names; a
+    field it leaves out keeps the published model's value (the format's preset). A size that contradicts another is
+    one sentence naming both."""
     preset = VLMConfig.from_preset(_FORMAT_PRESET[format])
-    names = {"vocab_size": ("vocab_size", "padded_vocab_size"), "num_layers": ("num_hidden_layers", "num_layers"),
-             "norm_eps": ("rms_norm_eps", "layernorm_epsilon"), "max_seq_len": ("max_position_embeddings",
-                                                                               "seq_length")}
-    overrides = {}
-    for ours, theirs in names.items():
-        for key in theirs:
-            if key in values:
-                overrides[ours] = values[key]
-                break
+    family = "glm-4v" if format == "glm-4v" else "cogvlm"
+    text = {ours: values[theirs] for ours, theirs in _TEXT_FIELDS[family].items() if theirs in values}
+    if family == "cogvlm" and "num_multi_query_heads" in values:
+        text["num_kv_groups"] = values["num_multi_query_heads"]
+    elif family == "cogvlm" and "num_attention_heads" in values:
+        text["num_kv_groups"] = values["num_attention_heads"]  # CogVLM: plain multi-head attention
+    if family == "glm-4v" and values.get("multi_query_attention", True) and "multi_query_group_num" in values:
+        text["num_kv_groups"] = values["multi_query_group_num"]
     if "rope_ratio" in values:
-        overrides["rope_ratio"] = float(values["rope_ratio"])
-    config = replace(preset, text=replace(preset.text, **overrides))
-    if format == "glm-4v":
-        scaling = values.get("vision_config", {}).get("scaling_factor", config.adapter.scaling_factor)
-        config = replace(config, adapter=replace(config.adapter, scaling_factor=float(scaling)))
-    return config
+        text["rope_ratio"] = float(values["rope_ratio"])
+    elif "rope_theta" in values:
+        text["rope_ratio"] = float(values["rope_theta"]) / 10000.0
+    heads = text.get("num_heads", preset.text.num_heads)
+    hidden = text.get("hidden_size", preset.text.hidden_size)
+    if family == "cogvlm":
+        if hidden % heads:
+            raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by {heads} attention heads.")
+        text["head_dim"] = hidden // heads
+    groups = text.get("num_kv_groups", preset.text.num_kv_groups)
+    if heads % groups:
+        raise CheckpointError(f"config.json: {heads} attention heads do not split into {groups} key/value groups.")
+    text_config = replace(preset.text, **text)
+    if family == "cogvlm" and preset.rotary_dim is not None:
+        preset = replace(preset, rotary_dim=text_config.head_dim)
+
+    vision_values = values.get("vision_config") or {}
+    vision = {ours: vision_values[theirs] for ours, theirs in _VISION_FIELDS.items() if theirs in vision_values}
+    try:
+        vision_config = replace(preset.vision, **vision)
+    except ValueError as error:
+        raise CheckpointError(f"config.json: vision_config is inconsistent: {error}") from None
+    # The adapter joins the two: its GLU runs at the language model's width and FFN size; CogVLM2's conv keeps the
+    # tower's width, GLM-4V's maps it to the language model's.
+    conv_width = None
+    if preset.adapter.conv_width is not None:
+        conv_width = text_config.hidden_size if family == "glm-4v" else vision_config.width
+    scaling = float(vision_values.get("scaling_factor", preset.adapter.scaling_factor))
+    adapter = replace(preset.adapter, vision_width=vision_config.width, hidden=text_config.hidden_size,
+                      ffn=text_config.ffn_hidden_size, conv_width=conv_width, scaling_factor=scaling)
+    return replace(preset, text=text_config, vision=vision_config, adapter=adapter)
 
 
 def read_vlm_checkpoint(path: str | Path, format: str = "auto") -> tuple[VLMConfig, dict[str, torch.Tensor], str]:
