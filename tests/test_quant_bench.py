@@ -32,3 +32,16 @@ def test_bench_quant_prints_a_row_per_variant(capsys):
     assert float(rows["float"][7]) == 0.0 and float(rows["int8"][7]) > 0.0
     for cells in rows.values():  # GB/s read = read/token x steps/s, and its share of the measured bandwidth
         assert float(cells[5]) > 0 and 0 < float(cells[6].rstrip("%"))
+
+
+def test_bench_gpu_runs_its_table_on_the_cpu_at_a_tiny_size(capsys):
+    """The GPU command is prepared and tested here; on a lent GPU it runs with its defaults (GLM-4-9B shapes)."""
+    assert main(["bench", "gpu", "--preset", "tiny", "--device", "cpu", "--batch-sizes", "1", "2",
+                 "--prompt-len", "4", "--new-tokens", "3", "--group-size", "32", "--bandwidth-mb", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(line for line in lines if line.startswith("stack"))) + 1:]
+    names = [" ".join(row.split()[:2]) for row in table]
+    assert names == ["ours bf16"] * 2 + ["transformers eager"] * 2 + ["ours int8"] * 2 + ["ours int4"] * 2
+    for row in table:
+        cells = row.split()
+        assert not float(cells[-5]) <= 0 and cells[-4].endswith("x") and cells[-1].endswith("%")  # NaN: noise
