@@ -277,3 +277,29 @@ def test_every_size_comes_from_the_checkpoints_config_json(format, generator, tm
     heads_key = "num_attention_heads"
     with pytest.raises(CheckpointError, match="not divisible|do not split"):
         config_from_foreign(format, {**values, heads_key: 7})
+
+
+def _bf16(values: torch.Tensor) -> torch.Tensor:
+    """Round float64 values to bfloat16 and back: one step of the official bf16 computation."""
+    return values.to(torch.bfloat16).double()
+
+
+def test_cogvlm2_in_bf16_rotates_as_its_official_code_does():
+    """CogVLM2 computes rotary positions, angles, cos and sin in the model's dtype. A float64 model of that formula
+    (each step rounded to bf16 where the official code holds a bf16 tensor) gives the bf16 model's tables; the
+    float32 model keeps exact angles, and the two differ by far more than a bf16 rounding of cos (2**-8)."""
+    model = VisionLanguageModel(VLMConfig.from_preset("tiny-cogvlm2"))
+    exact_cos = model.rope_cos.clone()
+    model = model.to(torch.bfloat16)
+    config = model.vlm_config
+    dims, theta, length = config.rotated_dims, config.text.rope_theta, config.text.max_seq_len
+    inv_freq = _bf16(1.0 / theta ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims))
+    positions = _bf16(torch.arange(length, dtype=torch.float64))
+    angles = _bf16(positions[:, None] * inv_freq[None, :])
+    assert model.rope_cos.dtype == torch.bfloat16
+    torch.testing.assert_close(model.rope_cos.double(), _bf16(angles.cos()), rtol=0, atol=2**-8)
+    torch.testing.assert_close(model.rope_sin.double(), _bf16(angles.sin()), rtol=0, atol=2**-8)
+    assert (model.rope_cos.double() - exact_cos.double()).abs()[20:].max() > 0.1  # not a rounding of the exact
+    plain = VisionLanguageModel(VLMConfig.from_preset("tiny-cogvlm"))
+    exact_plain = plain.rope_cos.clone()
+    assert torch.equal(plain.to(torch.bfloat16).rope_cos, exact_plain.to(torch.bfloat16))  # others: exact, rounded

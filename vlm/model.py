@@ -47,6 +47,10 @@ class VLMConfig:
     # An open_clip vision tower instead of the EVA2-CLIP ViT: OpenClipTower's arguments ({"model_name": ...} or
     # {"vision_cfg": {...}}); `vision` must then state the tower's image size, patch size and width.
     open_clip: dict | None = None
+    # CogVLM2's rotary (FastRotaryEmbedding, pos_idx_in_fp32=False) computes positions, angles, cos and sin in the
+    # model's dtype; in a bf16 model that rounds positions past 256 and moves angles by up to 2 rad. Reproduced here,
+    # since the checkpoint was run (and tuned) that way.
+    rotary_in_model_dtype: bool = False
 
     def __post_init__(self):
         if self.adapter.vision_width != self.vision.width or self.adapter.hidden != self.text.hidden_size:
@@ -65,7 +69,7 @@ class VLMConfig:
     def to_dict(self) -> dict:
         return {"text": self.text.to_dict(), "vision": asdict(self.vision), "adapter": asdict(self.adapter),
                 "experts": self.experts, "rotary_dim": self.rotary_dim, "template": self.template,
-                "open_clip": self.open_clip}
+                "open_clip": self.open_clip, "rotary_in_model_dtype": self.rotary_in_model_dtype}
 
     @classmethod
     def from_dict(cls, values: dict) -> VLMConfig:
@@ -79,6 +83,7 @@ class VLMConfig:
             rotary_dim=values.get("rotary_dim"),
             template=values.get("template", "suite"),
             open_clip=values.get("open_clip"),
+            rotary_in_model_dtype=values.get("rotary_in_model_dtype", False),
         )
 
     @classmethod
@@ -86,6 +91,16 @@ class VLMConfig:
         if name not in PRESETS:
             raise ValueError(f"Unknown VLM preset {name!r}; known: {', '.join(sorted(PRESETS))}.")
         return PRESETS[name]
+
+
+def rotary_table_in_dtype(rotary_dim: int, max_len: int, theta: float, dtype: torch.dtype,
+                          device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_len, rotary_dim // 2] as CogVLM2 computes them in a low-precision model: the inverse
+    frequencies in float32 then stored in `dtype`, the positions, their products, cos and sin all in `dtype`."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim)
+    positions = torch.arange(max_len, device=device, dtype=dtype)  # [S]: past 256, bf16 rounds them
+    angles = torch.outer(positions, inv_freq.to(dtype))  # [S, rot/2]
+    return angles.cos(), angles.sin()
 
 
 def _config(text: GLMConfig, vision: ViTConfig, ffn: int, conv_width=None, scaling=1.0, **kwargs) -> VLMConfig:
@@ -109,7 +124,7 @@ PRESETS: dict[str, VLMConfig] = {
     "cogvlm-grounding": _config(_VICUNA_7B, VIT_PRESETS["eva2-clip-e-490"], 11008, rotary_dim=128,
                                 template="cogvlm-base"),
     "cogvlm2-llama3-chat": _config(_LLAMA3_8B, VIT_PRESETS["eva2-clip-e-1344"], 14336, conv_width=1792,
-                                   rotary_dim=128, template="cogvlm2-chat"),
+                                   rotary_dim=128, template="cogvlm2-chat", rotary_in_model_dtype=True),
     "glm-4v-9b": _config(_GLM4_9B, VIT_PRESETS["eva2-clip-e-1120"], 13696, conv_width=4096, scaling=8.0,
                          experts=False, template="glm-4v"),
     # Tiny shapes of each variant, for tests.
@@ -117,7 +132,7 @@ PRESETS: dict[str, VLMConfig] = {
     "tiny-cogvlm": _config(replace(_TINY_TEXT, num_kv_groups=4), _TINY_VIT, 72, rotary_dim=16,
                            template="cogvlm-chat"),
     "tiny-cogvlm2": _config(replace(_TINY_TEXT, rope_ratio=50.0), _TINY_VIT, 72, conv_width=32, rotary_dim=16,
-                            template="cogvlm2-chat"),
+                            template="cogvlm2-chat", rotary_in_model_dtype=True),
     "tiny-glm4v": _config(replace(_TINY_TEXT, num_kv_groups=1), _TINY_VIT, 88, conv_width=64, scaling=8.0,
                           experts=False, template="glm-4v"),
     # The suite's own size class for 128x128 EmojiScenes images: 64 patches + boi/eoi.
@@ -172,12 +187,23 @@ class VisionLanguageModel(GLMModel):
                              f"the config says {config.vision.width} and {config.vision.patch_size}.")
         self.adapter = Adapter(config.adapter)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.vlm_config.rotary_in_model_dtype and not self.embed.weight.is_meta:
+            self.reset_buffers()  # a cast to another dtype recomputes the tables as that dtype computes them
+        return self
+
     def reset_buffers(self) -> None:
         """Rotary tables for this variant's rotated dims (GLM's half head, or the full head for Llama cores)."""
         device = self.embed.weight.device
         device = torch.device("cpu") if device.type == "meta" else device
         text = self.config
-        cos, sin = rotary_table(self.vlm_config.rotated_dims, text.max_seq_len, text.rope_theta, device)
+        dtype = self.embed.weight.dtype
+        if self.vlm_config.rotary_in_model_dtype and dtype in (torch.bfloat16, torch.float16):
+            cos, sin = rotary_table_in_dtype(self.vlm_config.rotated_dims, text.max_seq_len, text.rope_theta, dtype,
+                                            device)
+        else:
+            cos, sin = rotary_table(self.vlm_config.rotated_dims, text.max_seq_len, text.rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)  # [S, R/2]
         self.register_buffer("rope_sin", sin, persistent=False)
 
