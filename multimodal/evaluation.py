@@ -1,4 +1,4 @@
-"""The quality measures of DESIGN section 6, on the EmojiScenes test split (never trained on).
+"""The quality measures of the README's quality table, on the EmojiScenes test split (never trained on).
 
 - ground: Acc@IoU0.5 of referring expressions ("Where is the dog?" -> `[[x0,y0,x1,y1]]`), as RefCOCO: the first
   box of the answer against the object's exact box.
