@@ -27,8 +27,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from multimodal.assets import EMBEDDED_LIMITS
 from multimodal.captioning import caption_rows
-from multimodal.engine import EngineError, GroundedAnswer, Sampling
+from multimodal.engine import EMBEDDED_NAME, EngineError, GroundedAnswer, Sampling
 from multimodal.image import ImageError, load_image
 from multimodal.world import ATTRIBUTION
 
@@ -126,7 +127,8 @@ def build_app(engine, max_new_tokens: int = 256) -> gr.Blocks:
         return table, str(download)
 
     with gr.Blocks(title="GLM multimodal", analytics_enabled=False) as app:
-        gr.Markdown(f"## GLM multimodal demo\nModel: `{engine.name}`")
+        gr.Markdown(f"## GLM multimodal demo\nModel: `{engine.name}`"
+                    + (f"<br><small>{EMBEDDED_LIMITS}</small>" if engine.name == EMBEDDED_NAME else ""))
         with gr.Tab("Chat & ground"):
             with gr.Row():
                 with gr.Column():

@@ -46,6 +46,9 @@ TINY_TEXTS = ["Describe the image.", "Describe the image with boxes.", "Where is
 Turn = tuple[str, str]  # (role, text): role is "user" or "assistant"
 
 
+EMBEDDED_NAME = "glm-multimodal-emoji"
+
+
 class EngineError(ValueError):
     """A request the engine cannot serve as asked; the message is one sentence meant for the user."""
 
@@ -161,7 +164,7 @@ class Engine:
         painter = None
         if (folder / DIFFUSION_FOLDER).is_dir():
             painter = loading.painter(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, tokenizer))
-        name = "glm-multimodal-emoji" if checkpoint is None else folder.resolve().name
+        name = EMBEDDED_NAME if checkpoint is None else folder.resolve().name
         return cls.from_parts(VLMChat(model, tokenizer), painter, name)
 
     @classmethod

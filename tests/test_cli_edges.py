@@ -3,6 +3,7 @@ a stray separator (in test_vlm_grounding), draw options out of range."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -45,3 +46,19 @@ def test_help_and_a_bad_image_do_not_load_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["1", "False"], result.stderr
     assert "is not an image file" in result.stderr
+
+
+def test_the_cli_and_the_demo_say_what_the_embedded_models_know(capsys):
+    from scripted_models import scripted_engine
+
+    from demos.app import build_app
+    from multimodal.engine import EMBEDDED_NAME
+
+    with pytest.raises(SystemExit):
+        main(["ground", "--help"])
+    assert "not for photos" in capsys.readouterr().out
+    engine = scripted_engine()
+    shown = json.dumps(build_app(engine).config, ensure_ascii=False, default=str)
+    assert "not for photos" not in shown  # a real checkpoint is not limited to the world
+    engine.name = EMBEDDED_NAME
+    assert "not for photos" in json.dumps(build_app(engine).config, ensure_ascii=False, default=str)

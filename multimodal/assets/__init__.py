@@ -12,6 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
+# What the embedded models know, said by the CLI, the demo and the README.
+EMBEDDED_LIMITS = ("The embedded models know only the EmojiScenes world: 77 OpenMoji classes (animals, hats and "
+                   "glasses, food, vehicles, plants, things) on simple backgrounds; `multimodal scene` shows one. "
+                   "They are not for photos: pass --checkpoint with a real CogVLM or GLM-4V checkpoint for those.")
 
 
 def asset_path(name: str) -> Path:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multimodal.assets import EMBEDDED_LIMITS
 from multimodal.commands._options import add_model_options
-from multimodal.commands.ground import LIMITS
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("chat", help="chat about an image in the terminal (empty line or Ctrl-D ends)",
-                                   description=__doc__ + "\n" + LIMITS,
+                                   description=__doc__ + "\n" + EMBEDDED_LIMITS,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=None, help="image file to talk about")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")

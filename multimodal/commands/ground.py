@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from multimodal.assets import EMBEDDED_LIMITS
 from multimodal.commands._options import add_model_options
-
-LIMITS = ("The embedded models know only the EmojiScenes world (OpenMoji animals, accessories, food, vehicles, plants "
-          "and things on plain backgrounds; `multimodal scene` shows one); they are not for photos. Pass "
-          "--checkpoint for a real CogVLM / GLM-4V checkpoint.")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ground", help="ask about an image; print the answer and its boxes in pixels",
-                                   description=__doc__ + "\n" + LIMITS,
+                                   description=__doc__ + "\n" + EMBEDDED_LIMITS,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image", help="image file")
     parser.add_argument("question", help='e.g. "Where is the dog?"')
