@@ -1,11 +1,10 @@
 """Attention dispatch: torch's `scaled_dot_product_attention`, except where an explicit softmax(QK^T/sqrt(d))V is
 measured faster.
 
-That place is the CPU in bfloat16 (inputs in bf16, or autocast on) at short sequences: there torch's fused CPU
-kernel runs its backward at about a quarter of the explicit version's speed, and its math fallback at about half
-(shapes [64, 6, 80, 32], 2 Zen 5 threads: fused 47 ms forward + backward, math 21 ms, explicit 11.5 ms; see
-`multimodal bench train`). The scores [B, H, T, S] are materialised, so only sequences up to `EXPLICIT_MAX_TOKENS`
-take it. The softmax runs in float32 either way.
+That place is the CPU in bfloat16 (inputs in bf16, or autocast on) at short sequences, where torch's fused CPU
+kernel is slow in its backward (the training loops' speed in `multimodal bench train` includes it). The scores
+[B, H, T, S] are materialised, so only sequences up to `EXPLICIT_MAX_TOKENS` take it. The softmax runs in float32
+either way.
 """
 
 from __future__ import annotations

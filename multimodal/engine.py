@@ -330,16 +330,14 @@ class _Loading:
     def quantize_shard(self, linear: torch.nn.Linear, name: str) -> torch.nn.Module:
         """One Linear after the tensor-parallel cut: quantized, or kept in float when `exclude` names it or (INT4)
         when the group size does not divide its input features (with a warning naming it)."""
-        import warnings
         from fnmatch import fnmatchcase
 
-        from multimodal.quantize import quantize_linear
+        from multimodal.quantize import fits, quantize_linear, warn_kept_in_float
 
         if any(fnmatchcase(name, pattern) for pattern in self.exclude):
             return linear
-        if self.spec.scheme == "int4" and linear.in_features % self.spec.group_size:
-            warnings.warn(f"INT4 group size {self.spec.group_size} does not divide the input features of {name} "
-                          f"({linear.in_features}); kept in float.", stacklevel=2)
+        if not fits(linear, self.spec):
+            warn_kept_in_float([(name, linear)], self.spec)
             return linear
         return quantize_linear(linear, self.spec, name)
 

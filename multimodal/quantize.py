@@ -322,14 +322,21 @@ def _check_model(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linear
     (the embedded DiTs' 48-wide patch embedding, say) stays in float, with one warning naming them all; the rule
     depends only on shapes, so a checkpoint written this way loads back the same way."""
     linears = selected_linears(model, spec.exclude)
-    if spec.scheme != "int4":
-        return linears
-    unfit = [(name, linear.in_features) for name, linear in linears if linear.in_features % spec.group_size]
+    unfit = [(name, linear) for name, linear in linears if not fits(linear, spec)]
     if unfit:
-        names = ", ".join(f"{name} ({features})" for name, features in unfit)
-        warnings.warn(f"INT4 group size {spec.group_size} does not divide the input features of {names}; "
-                      f"kept in float.", stacklevel=3)
-    return [(name, linear) for name, linear in linears if linear.in_features % spec.group_size == 0]
+        warn_kept_in_float(unfit, spec)
+    return [(name, linear) for name, linear in linears if fits(linear, spec)]
+
+
+def fits(linear: nn.Linear, spec: QuantSpec) -> bool:
+    """Whether the scheme can hold this layer: INT4 needs the group size to divide its input features."""
+    return spec.scheme != "int4" or linear.in_features % spec.group_size == 0
+
+
+def warn_kept_in_float(unfit: Iterable[tuple[str, nn.Linear]], spec: QuantSpec) -> None:
+    names = ", ".join(f"{name} ({linear.in_features})" for name, linear in unfit)
+    warnings.warn(f"INT4 group size {spec.group_size} does not divide the input features of {names}; kept in float.",
+                  stacklevel=4)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

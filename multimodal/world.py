@@ -65,8 +65,6 @@ class ObjectClass:
         return self.category != "accessory"
 
     def with_article(self) -> str:
-        if self.name.endswith("glasses"):
-            return self.name  # "wearing sunglasses", no article
         return _with_article_word(self.name)
 
 

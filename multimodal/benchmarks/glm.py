@@ -44,20 +44,25 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def hf_model_for(config: GLMConfig, dtype: torch.dtype, device: str, seed: int):
-    import torch
+def hf_config_for(config: GLMConfig):
+    """transformers' `GlmConfig` with our config's shapes."""
     from transformers import GlmConfig as HFGlmConfig
-    from transformers import GlmForCausalLM
 
-    hf_config = HFGlmConfig(
+    return HFGlmConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_groups, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
         max_position_embeddings=config.max_seq_len, pad_token_id=0, eos_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 0.5},
     )
+
+
+def hf_model_for(config: GLMConfig, dtype: torch.dtype, device: str, seed: int):
+    import torch
+    from transformers import GlmForCausalLM
+
     torch.manual_seed(seed)
-    return GlmForCausalLM(hf_config).to(device=device, dtype=dtype).eval()
+    return GlmForCausalLM(hf_config_for(config)).to(device=device, dtype=dtype).eval()
 
 
 def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats: int, clock) -> dict:

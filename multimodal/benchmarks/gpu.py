@@ -54,13 +54,13 @@ def decode_speed(generate_n, batch: int, new_tokens: int, device: str, repeats: 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import GlmConfig as HFGlmConfig
     from transformers import GlmForCausalLM
 
     from glm.convert import HF_TABLE
     from glm.generate import SamplingConfig, generate
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
+    from multimodal.benchmarks.glm import hf_config_for
     from multimodal.benchmarks.quant import weight_bytes
     from multimodal.checkpoint import build_on_meta, convert, load_into
     from multimodal.quantize import QuantSpec, quantize_model
@@ -70,15 +70,9 @@ def run(args: argparse.Namespace) -> int:
     config = GLMConfig.from_preset(args.preset)
     dtype = torch.bfloat16
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
-    hf_config = HFGlmConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_groups, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
-        max_position_embeddings=config.max_seq_len, pad_token_id=0, eos_token_id=None,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, "partial_rotary_factor": 0.5})
     torch.manual_seed(args.seed)
     with torch.device(args.device):  # random weights made where they run: a 9B model never passes through the CPU
-        hf = GlmForCausalLM._from_config(hf_config, dtype=dtype).eval()
+        hf = GlmForCausalLM._from_config(hf_config_for(config), dtype=dtype).eval()
     ours = build_on_meta(lambda: GLMModel(config))
     load_into(ours, convert(hf.state_dict(), HF_TABLE))
     ours = ours.to(args.device).eval()

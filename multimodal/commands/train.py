@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from multimodal.training.loop import default_threads
 
-    torch.set_num_threads(args.threads or default_threads())
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this machine has no CUDA device.")
+    torch.set_num_threads(args.threads or default_threads())  # (a missing --device is refused by cli.check_device)
     out = Path(args.out) if args.out else Path("runs") / args.model
     if args.model == "tokenizer":
         from multimodal.training.tokenizer import save_tokenizer, train_tokenizer
