@@ -7,10 +7,7 @@
 - vqa: exact match of the normalised answer (case, surrounding spaces and a final full stop ignored).
 - chat: the vqa questions asked as the first turn and as a follow-up after "Describe the image." (the model's own
   caption as the first answer; the image encoded once): exact match of each, and the gap.
-- draw: on prompts of test scenes of the drawing world, the judge's zero-shot presence (all named objects found),
-  CLIPScore, and a Frechet distance in the judge's image features to the rendered test scenes; the same for a
-  single-stage 64x64 model given the same denoiser FLOPs as base + relay, so relay and single stage compare at
-  equal compute.
+- draw: in `multimodal.evaluation_draw`.
 
 Tasks are picked deterministically from consecutive test seeds, one per scene, alternating English and Chinese.
 """
@@ -23,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from multimodal.world import DRAWING, WorldConfig, make_scene, mentioned_classes, render, scene_tasks, split_seeds
+from multimodal.world import WorldConfig, make_scene, mentioned_classes, render, scene_tasks, split_seeds
 from vlm.grounding import parse_grounding
 
 BARS = {"ground": 0.90, "caption": 0.90, "vqa": 0.85, "draw": 0.80}
@@ -193,40 +190,3 @@ def equal_compute_steps(pipeline, single, text_len: int) -> int:
     passes = 2 if config.guidance_scale != 1 else 1
     per_step = passes * single.flops_per_forward(64, 64, text_len)
     return max(1, round((target / per_step + 1) / 2))  # Heun: 2N - 1 evaluations
-
-
-def evaluate_draw(pipeline, single, judge, count: int, batch_size: int = 16, seed: int = 0) -> Result:
-    """Presence, CLIPScore and Frechet distance of relay images, and of single-stage images at equal compute."""
-    from diffusion.pipeline import RelayPipeline
-    from multimodal.judge import frechet_distance
-    from multimodal.training.loop import scene_image
-
-    items = eval_tasks("draw", count, DRAWING)
-    prompts = [task.prompt for _, task in items]
-    names = [[obj.name for obj in scene.objects] for scene, _ in items]
-    single_pipeline = RelayPipeline(pipeline.text_encoder, single, None, pipeline.config)
-    text_len = max(pipeline.text_encoder(prompt)[0].shape[1] for prompt in prompts[:8])
-    single_steps = equal_compute_steps(pipeline, single, text_len)
-    relay_images, single_images = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        seeds = [seed + start + i for i in range(len(chunk))]
-        relay_images += pipeline(chunk, seed=seeds).relay
-        single_images += single_pipeline(chunk, seed=seeds, num_inference_steps=single_steps, use_relay=False).images
-    reference = [scene_image(scene, judge.config.image_size) for scene, _ in items]
-    reference_features = judge.image_features(reference)
-
-    def measures(images):
-        present = judge.presence(images, names)
-        return (sum(all(p.values()) for p in present) / len(present),
-                float(judge.clip_score(images, prompts).mean()),
-                frechet_distance(judge.image_features(images), reference_features))
-
-    relay_presence, relay_clip, relay_fd = measures(relay_images)
-    single_presence, single_clip, single_fd = measures(single_images)
-    rendered_presence = measures(reference)[0]
-    details = {"CLIPScore": relay_clip, "FD relay": relay_fd, "FD single-stage": single_fd,
-               "single-stage presence": single_presence, "single-stage CLIPScore": single_clip,
-               "single-stage steps": single_steps, "relay lower FD": relay_fd < single_fd,
-               "presence on rendered scenes": rendered_presence}
-    return Result("draw", "all objects present", relay_presence, len(prompts), BARS["draw"], details)

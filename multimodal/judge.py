@@ -24,7 +24,7 @@ from PIL import Image
 
 from glm.tokenizer import GLMTokenizer
 from multimodal.checkpoint import NATIVE_WEIGHTS, load_into, read_native_config, read_state_dict
-from multimodal.world import VOCABULARY
+from multimodal.world import CLASSES, VOCABULARY
 
 KIND = "judge"
 EOS_TOKEN = "<eop>"
@@ -104,16 +104,20 @@ class Judge:
         cosine = (self.image_features(images) * self.text_features(texts)).sum(-1)
         return 100 * cosine.clamp(min=0)
 
-    def presence(self, images, names: Sequence[Sequence[str]]) -> list[dict[str, bool]]:
-        """For each image, whether each named object (English class names) is present, by zero-shot ranking."""
-        classes = [c.name for c in VOCABULARY]
-        class_features = self.text_features([c.with_article() for c in VOCABULARY])  # [C, D]
+    def presence(self, images, names: Sequence[Sequence[str | tuple[str, ...]]],
+                 classes: Sequence[str] | None = None) -> list[dict[str, bool]]:
+        """For each image, whether each named object is present, by zero-shot ranking among `classes` (English
+        class names; default the whole vocabulary): with k distinct objects named, an object is present when it
+        ranks among the image's top k. A named object may be a tuple of alternatives ("hat": any of the hats),
+        present when one of them ranks there; its key is the alternatives joined by "/"."""
+        classes = list(classes) if classes is not None else [c.name for c in VOCABULARY]
+        class_features = self.text_features([CLASSES[name].with_article() for name in classes])  # [C, D]
         similarity = self.image_features(images) @ class_features.T  # [B, C]
         results = []
         for row, wanted in zip(similarity, names):
-            distinct = sorted(set(wanted))
-            top = {classes[i] for i in row.topk(len(distinct)).indices.tolist()}
-            results.append({name: name in top for name in distinct})
+            groups = sorted({(name,) if isinstance(name, str) else tuple(name) for name in wanted})
+            top = {classes[i] for i in row.topk(len(groups)).indices.tolist()}
+            results.append({"/".join(group): bool(top.intersection(group)) for group in groups})
         return results
 
 

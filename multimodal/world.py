@@ -204,6 +204,7 @@ class WorldConfig:
     max_entities: int = 4  # 1..4 entities per scene
     wear_probability: float = 0.5  # chance that an animal face wears an accessory
     repeat_probability: float = 0.25  # chance that an entity repeats a class already in the scene (for counting)
+    drawing: bool = False  # scenes of the drawing world (`multimodal.drawing`), which ignores the two above
 
     def __post_init__(self):
         if not 1 <= self.max_entities <= 4:
@@ -212,7 +213,7 @@ class WorldConfig:
             raise ValueError(f"The canvas must be at least 32 pixels wide, not {self.size}.")
 
 
-DRAWING = WorldConfig(max_entities=2)  # the text-to-image models' world: one or two entities per scene
+DRAWING = WorldConfig(max_entities=2, drawing=True)  # the text-to-image models' world (`multimodal.drawing`)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ class Scene:
     background: Background
     layout: tuple[int, int]  # grid rows, cols
     objects: tuple[SceneObject, ...]  # in reading order; an animal is followed by what it wears
+    drawing: bool = False  # a scene of the drawing world: its draw tasks are `multimodal.drawing`'s prompts
 
     @property
     def entities(self) -> list[int]:
@@ -348,6 +350,10 @@ def _region(rows: int, cols: int, row: int, col: int) -> str:
 
 def make_scene(seed: int, config: WorldConfig = WorldConfig()) -> Scene:
     """The scene of a seed: the same seed and config always give the same scene, on any machine."""
+    if config.drawing:
+        from multimodal.drawing import make_drawing_scene  # it builds on this module
+
+        return make_drawing_scene(seed, config)
     rng = random.Random(seed)
     allow_held_out = seed in SPLITS["test"]
     size = config.size
@@ -635,7 +641,12 @@ def scene_tasks(scene: Scene) -> list[Task]:
         tasks.append(Task("refer", "en", f"Where is {referring_expression(scene, index, 'en')}?", box, index))
         tasks.append(Task("refer", "zh", f"{referring_expression(scene, index, 'zh')}在哪里？", box, index))
     tasks.extend(vqa(scene, random.Random(scene.seed * 7919 + 1)))
-    tasks.extend(draw_prompts(scene))
+    if scene.drawing:
+        from multimodal.drawing import drawing_prompts
+
+        tasks.extend(drawing_prompts(scene))
+    else:
+        tasks.extend(draw_prompts(scene))
     return tasks
 
 

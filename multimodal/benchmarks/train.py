@@ -96,12 +96,12 @@ def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> B
     config = recipe.judge_config(tokenizer)
     judge = build_judge(config).to(device)
 
-    def judge_loss(pools, batch):
-        return recipe.judge_step_loss(judge, config, tokenizer, pools, seed, batch, device)
+    def judge_loss(pool, batch):
+        return recipe.judge_step_loss(judge, config, tokenizer, pool, seed, batch, device)
 
     return Bench(judge, list(judge.parameters()), judge_loss,
-                 recipe.judge_pools(scenes, config.image_size, cached=settings.cached),
-                 recipe.judge_pools(256, config.image_size, validation=True), weight_decay=0.05)
+                 recipe.judge_pool(scenes, config.image_size, cached=settings.cached),
+                 recipe.judge_pool(256, config.image_size, validation=True), weight_decay=0.05)
 
 
 def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tokenizer, scenes: int) -> dict:

@@ -2,6 +2,8 @@
 
 Writes the final (relay) image to --out and the base-stage image beside it (`dog.base.png`); with several images,
 `dog-1.png`, `dog-1.base.png`, ... Prints the seed of every image, so any one can be drawn again alone.
+`--grid sheet.png` takes one or more prompts and writes a contact sheet instead: a row per prompt, a column per
+seed, after a first column with a rendered drawing-world scene of that prompt when there is one.
 --checkpoint is a pipeline folder (config.json, base/, relay/) or a suite folder holding one in diffusion/; the
 default is the embedded model in multimodal/assets/diffusion.
 --quant quantizes the text encoder's GLM and both denoisers. A suite folder loads through
@@ -21,7 +23,8 @@ from multimodal.commands._options import add_model_options
 def register(subparsers) -> None:
     parser = subparsers.add_parser("draw", help="draw an image from a text prompt (base + relay stages)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("prompt", nargs="+", help="what to draw (several prompts need --grid)")
+    parser.add_argument("--grid", default=None, help="write a contact sheet (prompts x seeds) to this PNG")
     parser.add_argument("--out", default="image.png", help="output PNG path (default image.png)")
     parser.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     parser.add_argument("--height", type=positive_int, default=None,
@@ -98,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
 
     from multimodal.tp import is_main_process
 
+    if len(args.prompt) > 1 and args.grid is None:
+        raise ValueError(f"{len(args.prompt)} prompts were given; draw one at a time, or pass --grid for a sheet.")
     pipe = load_pipeline(args)
     height, width = args.height or pipe.sizes[0][0], args.width or pipe.sizes[0][1]
     if (height, width) not in pipe.sizes and is_main_process():
@@ -109,8 +114,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"With --no-relay the size must be a multiple of {up} (the base stage draws at 1/{up}).")
     # Without the relay stage the base stage still draws at its own scale (1/up_scale), as it was trained.
     draw_height, draw_width = (height // up, width // up) if args.no_relay else (height, width)
+    if args.grid is not None:
+        return write_grid(pipe, args, draw_height, draw_width)
     result = pipe(
-        args.prompt, negative_prompt=args.negative, height=draw_height, width=draw_width,
+        args.prompt[0], negative_prompt=args.negative, height=draw_height, width=draw_width,
         num_inference_steps=args.steps, relay_steps=args.relay_steps, guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images, seed=args.seed, use_relay=not args.no_relay,
     )
@@ -130,4 +137,26 @@ def main(args: argparse.Namespace) -> int:
             base.save(base_path)
             written.append(str(base_path))
         print(f"seed {seed}: {', '.join(written)}")
+    return 0
+
+
+def write_grid(pipe, args: argparse.Namespace, height: int, width: int) -> int:
+    from multimodal.sheet import contact_sheet, rendered_scene_for
+    from multimodal.tp import is_main_process
+
+    rows = []
+    for prompt in args.prompt:
+        result = pipe(
+            prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
+            relay_steps=args.relay_steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+            seed=args.seed, use_relay=not args.no_relay,
+        )  # fmt: skip
+        rows.append((prompt, [rendered_scene_for(prompt), *result.images]))
+    if not is_main_process():
+        return 0
+    header = ["rendered scene"] + [f"seed {seed}" for seed in result.seeds]
+    out = Path(args.grid)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(rows, header=header).save(out)
+    print(f"{len(args.prompt)} prompts x {args.num_images} seeds: {out}")
     return 0

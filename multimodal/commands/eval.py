@@ -3,8 +3,9 @@ split.
 
 ground: Acc@IoU0.5 of referring expressions (as RefCOCO), split class-only / with-region; caption: object-set F1
 of captions against the scene; vqa: exact-match accuracy by topic and language; chat: the vqa questions as the first
-turn and as a follow-up after "Describe the image."; draw: all named objects present by the judge,
-CLIPScore, Frechet distance, relay against single stage.
+turn and as a follow-up after "Describe the image."; draw: all named objects present by the judge and by the VLM,
+R-precision, per composition and on held-out compositions, background colour, CLIPScore, Frechet distance, relay
+against single stage at equal compute, each beside its value on the rendered scenes (`--sheet` writes the images).
 
 The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
 quantizes them after loading, as every command does. The draw measure also needs the judge (`--judge`, default
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--count", type=int, default=None,
-                        help="test items (default: 200; 64 for draw)")
+                        help="test items (default: 200)")
+    parser.add_argument("--sheet", default=None, help="draw: write a contact sheet of the first 24 prompts here")
     parser.add_argument("--judge", default=None, help="judge checkpoint folder (default: the shipped judge)")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     add_model_options(parser)
@@ -36,21 +38,19 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from multimodal.engine import Engine
-    from multimodal.evaluation import (
-        answer_turns_with,
-        answer_with,
-        evaluate_draw,
-        evaluate_follow_ups,
-        evaluate_understanding,
-    )
+    from multimodal.evaluation import answer_turns_with, answer_with, evaluate_follow_ups, evaluate_understanding
 
     engine = Engine.from_args(args)
-    count = args.count or (64 if args.task == "draw" else 200)
+    count = args.count or 200
     if count < 2:
         raise ValueError(f"--count must be at least 2, not {count}.")
     if args.task == "draw":
-        result = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge), count,
-                               seed=args.seed)
+        from multimodal.evaluation_draw import evaluate_draw, write_sheet
+
+        result, items, images = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge),
+                                              count, answer_with(engine.chat_model), seed=args.seed)
+        if args.sheet:
+            write_sheet(args.sheet, items, images)
     elif args.task == "chat":
         result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count)
     else:

@@ -5,12 +5,12 @@ Prompts are encoded by the VLM's GLM core, frozen (CogView4 uses GLM-4 the same 
 second-to-last layer. Those weights are final once the VLM's language stage is done, so this can train beside the
 VLM's vision stage; the run records their fingerprint and the export checks the shipped VLM has the same one.
 
-Data: scenes of the drawing world (`world.DRAWING`: one or two entities) from the train split, each with one of its
-drawing prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗"); 10% of prompts are dropped to ""
-so classifier-free guidance has an unconditional model. Losses: EDM's for the base and the single-stage model,
-RDM's blurring loss with block noise for the relay model. One optimizer steps all three on the same batch; the
-export ships an exponential moving average of the weights (`EMA_DECAY`), which smooths out the noise of small-batch
-steps.
+Data: scenes of the drawing world (`multimodal.drawing`: one large entity or two) from the train split, each with
+one of its prompts in English or Chinese ("a dog with a hat", "一只戴着帽子的狗", half of them naming the background
+colour); 10% of prompts are dropped to "" so classifier-free guidance has an unconditional model. Losses: EDM's
+for the base and the single-stage model, RDM's blurring loss with block noise for the relay model. One optimizer
+steps all three on the same batch; the export ships an exponential moving average of the weights (`EMA_DECAY`),
+which smooths out the noise of small-batch steps.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from diffusion.sampling import EDMDenoiser, edm_loss
 from diffusion.text_encoder import GLMTextEncoder
 from glm.tokenizer import GLMTokenizer
 from multimodal.checkpoint import NATIVE_CONFIG, read_native_config
+from multimodal.drawing import pick_prompt
 from multimodal.training.data import CachedTextEncoder
 from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, train
 from multimodal.training.vlm import text_encoder_fingerprint
-from multimodal.world import DRAWING, scene_tasks
+from multimodal.world import DRAWING
 from vlm.convert import load_vlm
 
 KIND = "diffusion-training"
@@ -80,7 +81,7 @@ class Stages(nn.Module):
 def draw_prompt(scene, rng: random.Random) -> str:
     if rng.random() < PROMPT_DROPOUT:
         return ""
-    return rng.choice([t.prompt for t in scene_tasks(scene) if t.kind == "draw"])
+    return pick_prompt(scene, rng).prompt
 
 
 def frozen_text_encoder(text_encoder: str | Path, tokenizer: GLMTokenizer, device: str = "cpu"):

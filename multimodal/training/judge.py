@@ -1,11 +1,12 @@
 """Training the judge: symmetric contrastive loss (CLIP) on rendered train scenes and their texts.
 
-Each image is paired with one of its texts, drawn per step: the English or Chinese caption, a drawing prompt
-("a dog with a hat"), or "a {name}" for one of its objects (the single-object prompts the zero-shot presence test
-ranks). Half of every batch comes from the drawing world (one or two entities), the scenes the draw evaluation
-scores generated images against. Only rendered scenes are used, never generated images.
+The judge scores drawings, so it learns from the drawing world (`multimodal.drawing`: one large entity or two),
+the scenes the draw evaluation scores generated images against. Each image is paired with one of its texts, drawn
+per step: one of its drawing prompts ("a dog with a hat on a blue background", the texts R-precision ranks), its
+English or Chinese caption, or "a {name}" for one of its objects (the single-object prompts the zero-shot presence
+test ranks). Only rendered scenes are used, never generated images.
 
-A second contrastive term ranks every image against the single-object prompts of the whole vocabulary, its own
+A second contrastive term ranks every image against the single-object prompts of the drawing classes, its own
 objects being the positives: the zero-shot presence test, trained for directly (the prompts as class
 prototypes, as CLIP's zero-shot classifier uses them).
 """
@@ -19,26 +20,29 @@ import torch
 import torch.nn.functional as F
 
 from glm.tokenizer import GLMTokenizer
+from multimodal.drawing import DRAWING_CLASSES, pick_prompt
 from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
 from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, ValidationScenes, train
-from multimodal.world import CLASSES, DRAWING, VOCABULARY, WorldConfig, make_scene, scene_tasks, split_seeds
+from multimodal.world import CLASSES, DRAWING, make_scene, scene_tasks, split_seeds
 
 
 def judge_text(scene, rng: random.Random) -> str:
-    if rng.random() < 0.4:
+    choice = rng.random()
+    if choice < 0.3:
         return CLASSES[rng.choice(scene.objects).name].with_article()
-    texts = [t.answer for t in scene_tasks(scene) if t.kind == "caption"]
-    texts += [t.prompt for t in scene_tasks(scene) if t.kind == "draw"]
-    return rng.choice(texts)
+    if choice < 0.4:
+        return rng.choice([t.answer for t in scene_tasks(scene) if t.kind == "caption"])
+    return pick_prompt(scene, rng).prompt
 
 
-def presence_accuracy(judge: Judge, split: str = "val", count: int = 200, world: WorldConfig = WorldConfig()) -> float:
-    """Fraction of rendered scenes in which every object is found present (the ceiling for generated images)."""
+def presence_accuracy(judge: Judge, split: str = "val", count: int = 200) -> float:
+    """Fraction of rendered drawing scenes in which every object is found present among the drawing classes (the
+    ceiling for generated images)."""
     from multimodal.training.loop import scene_image
 
-    scenes = [make_scene(seed, world) for seed in split_seeds(split, count)]
+    scenes = [make_scene(seed, DRAWING) for seed in split_seeds(split, count)]
     images = [scene_image(scene, judge.config.image_size) for scene in scenes]
-    found = judge.presence(images, [[o.name for o in scene.objects] for scene in scenes])
+    found = judge.presence(images, [[o.name for o in scene.objects] for scene in scenes], classes=DRAWING_CLASSES)
     return sum(all(result.values()) for result in found) / len(found)
 
 
@@ -50,27 +54,26 @@ def judge_config(tokenizer: GLMTokenizer) -> JudgeConfig:
     return JudgeConfig(vocab_size=tokenizer.vocab_size, eos_id=tokenizer.token_id(EOS_TOKEN))
 
 
-def judge_pools(count: int, image_size: int, cached: bool = False, validation: bool = False):
-    """The two scene pools half of each batch comes from: the default world and the drawing world."""
+def judge_pool(count: int, image_size: int, cached: bool = False, validation: bool = False):
+    """The drawing-world scenes batches come from."""
     if validation:
-        return ValidationScenes(count, image_size), ValidationScenes(count, image_size, DRAWING)
-    return TrainScenes(count, image_size, cached=cached), TrainScenes(count, image_size, DRAWING, cached=cached)
+        return ValidationScenes(count, image_size, DRAWING)
+    return TrainScenes(count, image_size, DRAWING, cached=cached)
 
 
-def judge_step_loss(model, config: JudgeConfig, tokenizer: GLMTokenizer, pools, seed: int, batch_size: int,
+def judge_step_loss(model, config: JudgeConfig, tokenizer: GLMTokenizer, pool, seed: int, batch_size: int,
                     device: str = "cpu"):
     """step -> (loss, components): the pair loss and the presence loss on that step's batch."""
-    class_ids = text_batch(tokenizer, [c.with_article() for c in VOCABULARY], config.context_length,
-                           config.eos_id).to(device)
-    class_index = {c.name: i for i, c in enumerate(VOCABULARY)}
+    class_ids = text_batch(tokenizer, [CLASSES[name].with_article() for name in DRAWING_CLASSES],
+                           config.context_length, config.eos_id).to(device)
+    class_index = {name: i for i, name in enumerate(DRAWING_CLASSES)}
 
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         rng = random.Random(f"judge-{seed}-{step}")
-        half = batch_size // 2
-        batches = [(pool, pool.batch_seeds(rng, n)) for pool, n in zip(pools, (batch_size - half, half))]
-        scenes = [pool.scene(s) for pool, seeds in batches for s in seeds]
+        seeds = pool.batch_seeds(rng, batch_size)
+        scenes = [pool.scene(s) for s in seeds]
         texts = [judge_text(scene, rng) for scene in scenes]
-        images = torch.cat([pool.images(seeds) for pool, seeds in batches]).to(device)  # [B, 3, S, S]
+        images = pool.images(seeds).to(device)  # [B, 3, S, S]
         ids = text_batch(tokenizer, texts, config.context_length, config.eos_id).to(device)  # [B, L]
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(ids, normalize=True)
@@ -101,14 +104,12 @@ def train_judge(
     config = judge_config(tokenizer)
     model = build_judge(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.05)
-    pools = judge_pools(scenes, config.image_size, cached=settings.cached)
+    pool = judge_pool(scenes, config.image_size, cached=settings.cached)
     run = Run(out_dir, "judge", {"judge": config.__dict__, "seed": seed})
-    step_loss = judge_step_loss(model, config, tokenizer, pools, seed, batch_size, device)
+    step_loss = judge_step_loss(model, config, tokenizer, pool, seed, batch_size, device)
 
     def evaluate() -> str:
-        judge = Judge(model, tokenizer, config)
-        return (f"val presence {presence_accuracy(judge):.3f}, "
-                f"drawing world {presence_accuracy(judge, world=DRAWING):.3f}")
+        return f"val presence {presence_accuracy(Judge(model, tokenizer, config)):.3f}"
 
     step = train(run, model, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes,
                  evaluate=evaluate, evaluate_every=500, runtime=settings.runtime, batch_size=batch_size)

@@ -64,13 +64,8 @@ def evaluate_suite(suite: Path, device: str, count: int, draw_count: int) -> dic
     """Every measure of `multimodal eval` on a suite folder: {task: (value, details)}."""
     from diffusion.pipeline import load_dit
     from multimodal.engine import Engine
-    from multimodal.evaluation import (
-        answer_turns_with,
-        answer_with,
-        evaluate_draw,
-        evaluate_follow_ups,
-        evaluate_understanding,
-    )
+    from multimodal.evaluation import answer_turns_with, answer_with, evaluate_follow_ups, evaluate_understanding
+    from multimodal.evaluation_draw import evaluate_draw
     from multimodal.judge import load_judge
 
     engine = Engine.load(suite, device=device)
@@ -79,7 +74,7 @@ def evaluate_suite(suite: Path, device: str, count: int, draw_count: int) -> dic
     results.append(evaluate_follow_ups(answer_turns_with(engine.chat_model), count))
     judge = load_judge(suite / "judge", engine.chat_model.tokenizer)
     results.append(evaluate_draw(engine.painter, load_dit(suite / "diffusion" / "single").to(device), judge,
-                                 draw_count))
+                                 draw_count, answer_with(engine.chat_model))[0])
     for result in results:
         print(result.line(), flush=True)
     return {result.task: {"value": result.value, "count": result.count, **result.details} for result in results}
