@@ -3,6 +3,8 @@
 The network sees a noisy image (pixels for the embedded models, VAE latents for CogView4) and the text encoder's
 hidden states, and returns an image-shaped prediction. Its parts, in the order of the data:
 
+- text standardisation (`standardized_text`, the embedded models only): each channel of the text states shifted and
+  scaled by statistics of training prompts, fixed before training and stored with the weights;
 - patch embedding: p x p patches -> one linear layer; the text states get their own linear projection;
 - timestep + condition embedding: sinusoidal features of the timestep and of the SDXL-style size conditions
   (original size, crop corner, target size), each through a two-layer MLP, summed, then SiLU; with `pooled_text`
@@ -45,6 +47,7 @@ class DiTConfig:
     rope_axes: tuple[int, int] = (256, 256)  # token rows/columns are rescaled onto this many rotary positions
     size_scale: int = 1                 # pixels per input cell, for default size conditions (8 for VAE latents)
     pooled_text: bool = False           # add the mean text state to the adaLN conditioning vector
+    standardized_text: bool = False     # standardise each text channel with statistics fixed at training start
 
     @property
     def dim(self) -> int:
@@ -257,6 +260,9 @@ class DiT(nn.Module):
         self.time_embed = TimeConditionEmbed(config)
         if config.pooled_text:
             self.pooled_embed = MLP(config.text_dim, config.time_embed_dim, config.time_embed_dim, nn.SiLU())
+        if config.standardized_text:
+            self.register_buffer("text_mean", torch.zeros(config.text_dim))
+            self.register_buffer("text_std", torch.ones(config.text_dim))
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.final_adaln = nn.Linear(config.time_embed_dim, 2 * config.dim)
         self.proj_out = nn.Linear(config.dim, config.patch_size**2 * config.out_channels)
@@ -272,6 +278,15 @@ class DiT(nn.Module):
         for linear in [block.adaln for block in self.blocks] + [self.final_adaln, self.proj_out]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+
+    @torch.no_grad()
+    def set_text_statistics(self, states: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fix the standardisation from text states [B, T, text_dim] of training prompts (real tokens only, `mask`
+        [B, T]). A small text encoder's states share a large common component ("a dog" and "a car" have cosine 0.99
+        at the noun): removing it leaves the denoiser the part that tells prompts apart."""
+        real = states[mask.bool()].double()  # [tokens, text_dim]
+        self.text_mean.copy_(real.mean(0))
+        self.text_std.copy_(real.std(0).clamp(min=1e-3))
 
     def default_sizes(self, x: torch.Tensor) -> torch.Tensor:
         """Size conditions [B, 6] for an uncropped image whose original size is its size."""
@@ -298,6 +313,8 @@ class DiT(nn.Module):
         if h % p or w % p:
             raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {p}.")
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
+        if self.config.standardized_text:
+            text = (text - self.text_mean.to(text.dtype)) / self.text_std.to(text.dtype)  # [B, T, text_dim]
         sizes = self.default_sizes(x) if sizes is None else sizes
         cond = self.time_embed(timestep, sizes, x.dtype)  # [B, time_embed_dim]
         if self.config.pooled_text:

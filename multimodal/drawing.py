@@ -134,7 +134,9 @@ def _phrasings(scene: Scene, lang: str, verb: str, generic: bool) -> list[str]:
 
 
 def with_background(prompt: str, colour: str, lang: str) -> str:
-    return f"{prompt} on {_with_article_word(colour)} background" if lang == "en" else f"{prompt}，{COLOURS[colour][0]}背景"
+    if lang == "en":
+        return f"{prompt} on {_with_article_word(colour)} background"
+    return f"{prompt}，{COLOURS[colour][0]}背景"
 
 
 def drawing_prompts(scene: Scene) -> list[Task]:

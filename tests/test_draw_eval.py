@@ -10,7 +10,13 @@ from PIL import Image
 
 from multimodal.drawing import DRAWING_CLASSES, drawing_prompts, held_out
 from multimodal.evaluation_draw import (
-    DrawItem, background_accuracy, border_colour, draw_items, held_out_items, judge_presence, r_precision,
+    DrawItem,
+    background_accuracy,
+    border_colour,
+    draw_items,
+    held_out_items,
+    judge_presence,
+    r_precision,
     vlm_presence,
 )  # fmt: skip
 from multimodal.world import COLOURS, HELD_OUT_COMPOSITIONS, render
@@ -122,7 +128,8 @@ def test_contact_sheet_places_every_image(tmp_path):
     from multimodal.sheet import GAP, LABEL_HEIGHT
 
     def centre(row, column):
-        return (GAP + column * (64 + GAP) + 32, LABEL_HEIGHT + row * (LABEL_HEIGHT + 64 + GAP) + GAP + LABEL_HEIGHT + 32)
+        top = LABEL_HEIGHT + row * (LABEL_HEIGHT + 64 + GAP) + GAP  # under the header, at this row's label
+        return GAP + column * (64 + GAP) + 32, top + LABEL_HEIGHT + 32
 
     assert sheet.getpixel(centre(0, 1)) == colours[0]
     assert sheet.getpixel(centre(1, 2)) == colours[2]

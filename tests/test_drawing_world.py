@@ -9,7 +9,13 @@ import re
 import pytest
 
 from multimodal.drawing import (
-    DRAWING_ACCESSORIES, DRAWING_CLASSES, composition, drawing_prompts, held_out, named_objects, names_background,
+    DRAWING_ACCESSORIES,
+    DRAWING_CLASSES,
+    composition,
+    drawing_prompts,
+    held_out,
+    named_objects,
+    names_background,
     pick_prompt,
 )  # fmt: skip
 from multimodal.world import DRAWING, HELD_OUT_COMPOSITIONS, make_scene, render, scene_tasks, split_seeds

@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusion.denoiser import DiT, DiTConfig
@@ -56,7 +57,7 @@ STAGE_SHAPES = {"base": (4, 6, 6), "relay": (8, 6, 3), "single": (8, 6, 3)}
 def world_dit_config(text_dim: int, patch_size: int, num_heads: int = 3, num_layers: int = 3) -> DiTConfig:
     return DiTConfig(patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
                      num_heads=num_heads, head_dim=32, text_dim=text_dim, time_embed_dim=128, condition_dim=16,
-                     pooled_text=True)
+                     pooled_text=True, standardized_text=True)
 
 
 def stage_configs(text_dim: int) -> dict[str, DiTConfig]:
@@ -90,6 +91,19 @@ def frozen_text_encoder(text_encoder: str | Path, tokenizer: GLMTokenizer, devic
     for param in vlm.parameters():
         param.requires_grad_(False)
     return vlm, GLMTextEncoder.from_tokenizer(vlm, tokenizer)
+
+
+def set_text_statistics(stages: Stages, encoder, pool: TrainScenes, seed: int, count: int = 1024) -> None:
+    """Every stage's text standardisation from the states of `count` training prompts."""
+    rng = random.Random(f"text-statistics-{seed}")
+    prompts = [draw_prompt(pool.scene(s), rng) for s in pool.batch_seeds(rng, count)]
+    chunks = [encoder(prompts[i:i + 64]) for i in range(0, count, 64)]
+    width = max(states.shape[1] for states, _ in chunks)
+    states = torch.cat([F.pad(s, (0, 0, width - s.shape[1], 0)) for s, _ in chunks])  # [count, T, text_dim]
+    masks = [torch.ones(s.shape[:2], dtype=torch.bool) if m is None else m.bool() for s, m in chunks]
+    mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])  # [count, T], padding on the left
+    for stage in (stages.base, stages.relay, stages.single):
+        stage.set_text_statistics(states.float(), mask)
 
 
 def diffusion_step_loss(stages: Stages, encoder, pool: TrainScenes, relay_config: RelayConfig, seed: int,
@@ -150,9 +164,10 @@ def train_diffusion(
     else:
         configs = stage_configs(vlm.config.hidden_size)
     stages = Stages(configs).to(device)
+    pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
+    set_text_statistics(stages, encoder, pool, seed)  # a resumed run then loads the statistics it started with
     relay_config = RelayConfig()
     optimizer = torch.optim.AdamW(stages.parameters(), lr=settings.lr, weight_decay=0.01)
-    pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
     run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
                               "relay": relay_config.to_dict(),
                               "stages": {name: config.to_dict() for name, config in configs.items()}})
