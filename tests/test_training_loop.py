@@ -24,6 +24,21 @@ def test_batches_hold_only_train_seeds():
         pool.batch_seeds(random.Random(3), 8)
 
 
+def test_mixed_scenes_draw_each_world_at_its_share_and_keep_them_apart():
+    from multimodal.training.loop import MixedScenes
+    from multimodal.world import DRAWING
+
+    pool = MixedScenes([TrainScenes(30, 32), TrainScenes(30, 32, DRAWING)], [0.75, 0.25])
+    keys = pool.batch_seeds(random.Random(5), 800)
+    assert 0.2 < sum(world == 1 for world, _ in keys) / len(keys) < 0.3
+    assert all(seed in SPLITS["train"] for _, seed in keys)
+    default, drawing = next(k for k in keys if k[0] == 0), next(k for k in keys if k[0] == 1)
+    assert pool.scene(default) == make_scene(default[1]) and pool.scene(drawing) == make_scene(drawing[1], DRAWING)
+    torch.testing.assert_close(pool.images([drawing]), TrainScenes(30, 32, DRAWING).images([drawing[1]]))
+    with pytest.raises(ValueError, match="summing to 1"):
+        MixedScenes([TrainScenes(3, 32)], [0.5])
+
+
 class Interrupted(Exception):
     pass
 

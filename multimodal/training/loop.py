@@ -83,6 +83,29 @@ class TrainScenes:
         return torch.stack([self.pixels(seed) for seed in seeds]).float() / 127.5 - 1
 
 
+class MixedScenes:
+    """Several TrainScenes pools behind TrainScenes' interface: each scene of a batch comes from pool i with
+    probability shares[i]. Seeds repeat across worlds, so a scene is named by a (pool index, seed) pair."""
+
+    def __init__(self, pools: list[TrainScenes], shares: list[float]):
+        if len(pools) != len(shares) or abs(sum(shares) - 1) > 1e-9:
+            raise ValueError(f"MixedScenes needs one share per pool, summing to 1; got {shares}.")
+        self.pools, self.shares = pools, shares
+
+    def batch_seeds(self, rng: random.Random, batch_size: int) -> list[tuple[int, int]]:
+        picks = rng.choices(range(len(self.pools)), weights=self.shares, k=batch_size)
+        return [(i, self.pools[i].batch_seeds(rng, 1)[0]) for i in picks]
+
+    def scene(self, key: tuple[int, int]) -> Scene:
+        return self.pools[key[0]].scene(key[1])
+
+    def pixels(self, key: tuple[int, int]) -> torch.Tensor:
+        return self.pools[key[0]].pixels(key[1])
+
+    def images(self, keys: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.stack([self.pixels(key) for key in keys]).float() / 127.5 - 1
+
+
 class ValidationScenes(TrainScenes):
     """The first `count` scenes of the validation split, with TrainScenes' interface: for measuring a loss on scenes
     no gradient has seen (`multimodal bench train`). Its batches assert the validation split."""

@@ -10,7 +10,8 @@
    core but its last: CogView4 reads GLM's second-to-last hidden states; `text_encoder_layers` keeps pointing the
    encoder there); the ViT, the adapter, the visual experts (initialised as copies of the language expert, as CogVLM
    does), the language-stage core's last layer, the two new layers and the output head learn to answer about the
-   image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese.
+   image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese,
+   on scenes of the default world and a share of the drawing world's (`vision_pool`).
    The detection head keeps training beside them, and a second one reads the adapter's image tokens (a 4x4 grid):
    through the answer loss alone a from-scratch tower drifts to near-constant features the language model learns to
    ignore (the same answer for every image). The adapter's output drifts the same way (a constant prefix the language
@@ -36,8 +37,8 @@ from torch import nn
 
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
-from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, train
-from multimodal.world import CLASSES, COLOURS, Scene, Task, mentioned_classes, scene_tasks
+from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, train
+from multimodal.world import CLASSES, COLOURS, DRAWING, Scene, Task, mentioned_classes, scene_tasks
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel, VLMConfig, route_experts
@@ -54,6 +55,7 @@ MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding di
 RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=16)  # larger batches learned less per sample
 WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
 FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
+DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 
 
 
@@ -404,7 +406,14 @@ def vision_heads(config: VLMConfig, head: PatchDetectionHead) -> nn.ModuleDict:
                           "query": nn.Linear(config.text.hidden_size, len(CLASSES))})
 
 
-def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool: TrainScenes,
+def vision_pool(scenes: int, image_size: int, cached: bool) -> MixedScenes:
+    """The vision stage's scenes: the default world, and with `DRAWING_SHARE` the drawing world, whose single large
+    entities the VLM must also know to judge what the text-to-image model draws (`multimodal eval draw`)."""
+    pools = [TrainScenes(scenes, image_size, cached=cached), TrainScenes(scenes, image_size, DRAWING, cached=cached)]
+    return MixedScenes(pools, [1 - DRAWING_SHARE, DRAWING_SHARE])
+
+
+def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool,
                      seed: int, batch_size: int, device: str = "cpu"):
     """step -> (loss, components) on the vision stage's batch of that step: the answer, detection, spread, lookup
     and query losses."""
@@ -460,7 +469,7 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
     device = settings.runtime.device
     model = model.to(device)
     config = model.vlm_config
-    pool = TrainScenes(scenes, config.vision.image_size, cached=settings.cached)
+    pool = vision_pool(scenes, config.vision.image_size, settings.cached)
     freeze_text_encoder(model)
     meta = {**config.to_dict(), "seed": seed, **recipe}
     fingerprint = text_encoder_fingerprint(model)
