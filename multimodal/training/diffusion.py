@@ -93,8 +93,8 @@ def frozen_text_encoder(text_encoder: str | Path, tokenizer: GLMTokenizer, devic
     return vlm, GLMTextEncoder.from_tokenizer(vlm, tokenizer)
 
 
-def set_text_statistics(stages: Stages, encoder, pool: TrainScenes, seed: int, count: int = 1024) -> None:
-    """Every stage's text standardisation from the states of `count` training prompts."""
+def set_text_statistics(models, encoder, pool: TrainScenes, seed: int, count: int = 1024) -> None:
+    """The text standardisation of every denoiser in `models` from the states of `count` training prompts."""
     rng = random.Random(f"text-statistics-{seed}")
     prompts = [draw_prompt(pool.scene(s), rng) for s in pool.batch_seeds(rng, count)]
     chunks = [encoder(prompts[i:i + 64]) for i in range(0, count, 64)]
@@ -102,8 +102,8 @@ def set_text_statistics(stages: Stages, encoder, pool: TrainScenes, seed: int, c
     states = torch.cat([F.pad(s, (0, 0, width - s.shape[1], 0)) for s, _ in chunks])  # [count, T, text_dim]
     masks = [torch.ones(s.shape[:2], dtype=torch.bool) if m is None else m.bool() for s, m in chunks]
     mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for m in masks])  # [count, T], padding on the left
-    for stage in (stages.base, stages.relay, stages.single):
-        stage.set_text_statistics(states.float(), mask)
+    for model in models:
+        model.set_text_statistics(states.float(), mask)
 
 
 def diffusion_step_loss(stages: Stages, encoder, pool: TrainScenes, relay_config: RelayConfig, seed: int,
@@ -165,7 +165,8 @@ def train_diffusion(
         configs = stage_configs(vlm.config.hidden_size)
     stages = Stages(configs).to(device)
     pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
-    set_text_statistics(stages, encoder, pool, seed)  # a resumed run then loads the statistics it started with
+    # (a resumed run then loads the statistics it started with)
+    set_text_statistics([stages.base, stages.relay, stages.single], encoder, pool, seed)
     relay_config = RelayConfig()
     optimizer = torch.optim.AdamW(stages.parameters(), lr=settings.lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
