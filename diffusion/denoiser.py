@@ -3,8 +3,8 @@
 The network sees a noisy image (pixels for the embedded models, VAE latents for CogView4) and the text encoder's
 hidden states, and returns an image-shaped prediction. Its parts, in the order of the data:
 
-- text standardisation (`standardized_text`, the embedded models only): each channel of the text states shifted and
-  scaled by statistics of training prompts, fixed before training and stored with the weights;
+- text whitening (`whitened_text`, the embedded models only): the text states centred and whitened by statistics of
+  training prompts, fixed before training and stored with the weights (`whitening_statistics`);
 - patch embedding: p x p patches -> one linear layer; the text states get their own linear projection;
 - timestep + condition embedding: sinusoidal features of the timestep and of the SDXL-style size conditions
   (original size, crop corner, target size), each through a two-layer MLP, summed, then SiLU; with `pooled_text`
@@ -47,7 +47,7 @@ class DiTConfig:
     rope_axes: tuple[int, int] = (256, 256)  # token rows/columns are rescaled onto this many rotary positions
     size_scale: int = 1                 # pixels per input cell, for default size conditions (8 for VAE latents)
     pooled_text: bool = False           # add the mean text state to the adaLN conditioning vector
-    standardized_text: bool = False     # standardise each text channel with statistics fixed at training start
+    whitened_text: bool = False         # whiten the text states with statistics fixed at training start
 
     @property
     def dim(self) -> int:
@@ -147,6 +147,22 @@ class TimeConditionEmbed(nn.Module):
         size_features = timestep_embedding(sizes.reshape(-1), self.condition_dim).reshape(b, -1)  # [B, 6*cond]
         time_features = timestep_embedding(timestep, self.timestep_dim)  # [B, dim]
         return self.timestep(time_features.to(dtype)) + self.condition(size_features.to(dtype))
+
+
+def whitening_statistics(states: torch.Tensor, mask: torch.Tensor, floor: float = 1e-4):
+    """(mean [D], W [D, D]) so that (x - mean) @ W has identity covariance over the real tokens (`mask` [B, T]) of
+    `states` [B, T, D]; eigenvalues below `floor` x the largest are raised to it. A small frozen text encoder's
+    states vary mostly along a few directions (language, position): "a dog" and "a car" have cosine 0.98 at the noun,
+    0.46 after whitening, so the denoiser is handed the directions that tell prompts apart at full scale."""
+    real = states[mask.bool()].double()  # [tokens, D]
+    mean = real.mean(0)
+    eigenvalues, vectors = torch.linalg.eigh(torch.cov((real - mean).T))
+    scale = eigenvalues.clamp(min=eigenvalues.max().item() * floor).rsqrt()
+    return mean.float(), (vectors * scale) @ vectors.T
+
+
+def whiten(text: torch.Tensor, mean: torch.Tensor, whitening: torch.Tensor) -> torch.Tensor:
+    return (text - mean.to(text.dtype)) @ whitening.to(text.dtype)
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -260,9 +276,9 @@ class DiT(nn.Module):
         self.time_embed = TimeConditionEmbed(config)
         if config.pooled_text:
             self.pooled_embed = MLP(config.text_dim, config.time_embed_dim, config.time_embed_dim, nn.SiLU())
-        if config.standardized_text:
+        if config.whitened_text:
             self.register_buffer("text_mean", torch.zeros(config.text_dim))
-            self.register_buffer("text_std", torch.ones(config.text_dim))
+            self.register_buffer("text_whitening", torch.eye(config.text_dim))
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.num_layers))
         self.final_adaln = nn.Linear(config.time_embed_dim, 2 * config.dim)
         self.proj_out = nn.Linear(config.dim, config.patch_size**2 * config.out_channels)
@@ -281,12 +297,10 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def set_text_statistics(self, states: torch.Tensor, mask: torch.Tensor) -> None:
-        """Fix the standardisation from text states [B, T, text_dim] of training prompts (real tokens only, `mask`
-        [B, T]). A small text encoder's states share a large common component ("a dog" and "a car" have cosine 0.99
-        at the noun): removing it leaves the denoiser the part that tells prompts apart."""
-        real = states[mask.bool()].double()  # [tokens, text_dim]
-        self.text_mean.copy_(real.mean(0))
-        self.text_std.copy_(real.std(0).clamp(min=1e-3))
+        """Fix the whitening from text states [B, T, text_dim] of training prompts (real tokens only, `mask` [B, T])."""
+        mean, whitening = whitening_statistics(states, mask)
+        self.text_mean.copy_(mean)
+        self.text_whitening.copy_(whitening)
 
     def default_sizes(self, x: torch.Tensor) -> torch.Tensor:
         """Size conditions [B, 6] for an uncropped image whose original size is its size."""
@@ -313,8 +327,8 @@ class DiT(nn.Module):
         if h % p or w % p:
             raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {p}.")
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
-        if self.config.standardized_text:
-            text = (text - self.text_mean.to(text.dtype)) / self.text_std.to(text.dtype)  # [B, T, text_dim]
+        if self.config.whitened_text:
+            text = whiten(text, self.text_mean, self.text_whitening)  # [B, T, text_dim]
         sizes = self.default_sizes(x) if sizes is None else sizes
         cond = self.time_embed(timestep, sizes, x.dtype)  # [B, time_embed_dim]
         if self.config.pooled_text:

@@ -2,7 +2,7 @@
 cross-attention to the GLM states, behind the DiT's call signature so that `EDMDenoiser`, the losses and the
 samplers take either.
 
-It conditions like the embedded DiT does: text states standardised per channel by statistics fixed at training start
+It conditions like the embedded DiT does: text states whitened by statistics fixed at training start
 (`set_text_statistics`), cross-attention that never attends to padding, and the masked mean of the states added to
 the timestep embedding through diffusers' "projection" class embedding (SD3's pooled projection in UNet form).
 `multimodal bench denoiser` compares the two at equal CPU time.
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from diffusion.denoiser import masked_mean
+from diffusion.denoiser import masked_mean, whiten, whitening_statistics
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,20 @@ class UNetBackbone(nn.Module):
 
         self.unet.set_attn_processor(AttnProcessor())
         self.register_buffer("text_mean", torch.zeros(config.text_dim))
-        self.register_buffer("text_std", torch.ones(config.text_dim))
+        self.register_buffer("text_whitening", torch.eye(config.text_dim))
 
     @torch.no_grad()
     def set_text_statistics(self, states: torch.Tensor, mask: torch.Tensor) -> None:
-        """As `DiT.set_text_statistics`: per-channel mean and std of the real tokens of training prompts."""
-        real = states[mask.bool()].double()  # [tokens, text_dim]
-        self.text_mean.copy_(real.mean(0))
-        self.text_std.copy_(real.std(0).clamp(min=1e-3))
+        """As `DiT.set_text_statistics`: the whitening of the real tokens of training prompts."""
+        mean, whitening = whitening_statistics(states, mask)
+        self.text_mean.copy_(mean)
+        self.text_whitening.copy_(whitening)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 text_mask: torch.Tensor | None = None, sizes: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], timestep [B], text [B, T, text_dim], text_mask [B, T] -> [B, C, H, W]. `sizes` is
         accepted for the DiT's signature; a UNet of one resolution has no use for it."""
-        text = (text - self.text_mean.to(text.dtype)) / self.text_std.to(text.dtype)  # [B, T, text_dim]
+        text = whiten(text, self.text_mean, self.text_whitening)  # [B, T, text_dim]
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
         return self.unet(x, timestep, encoder_hidden_states=text, class_labels=masked_mean(text, text_mask),
                          encoder_attention_mask=text_mask).sample

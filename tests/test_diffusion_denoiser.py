@@ -89,26 +89,27 @@ def test_masked_text_padding_changes_nothing(pooled_text):
             assert (model(x, torch.tensor([10.0]), text) - plain).abs().max() > 1e-3
 
 
-def test_text_standardisation_matches_the_obvious_formula_and_is_saved(tmp_path, generator):
-    model = DiT(dit_config("tiny", pooled_text=True, standardized_text=True)).eval()
-    common = torch.randn(16, generator=generator) * 8  # a shared component, as a small text encoder's states have
-    states = common + torch.randn(6, 5, 16, generator=generator, dtype=torch.float64).float()
-    mask = torch.rand(6, 5, generator=generator) > 0.3
+def test_text_whitening_gives_identity_covariance_and_is_saved(tmp_path, generator):
+    model = DiT(dit_config("tiny", pooled_text=True, whitened_text=True)).eval()
+    mixing = torch.randn(16, 16, generator=generator) * torch.logspace(0, -2, 16)  # a few loud directions
+    states = 5 + torch.randn(40, 6, 16, generator=generator) @ mixing
+    mask = torch.rand(40, 6, generator=generator) > 0.3
     model.set_text_statistics(states, mask)
-    real = states[mask].double()
-    torch.testing.assert_close(model.text_mean.double(), real.mean(0))
-    torch.testing.assert_close(model.text_std.double(), real.std(0))
+    whitened = ((states[mask].double() - model.text_mean.double()) @ model.text_whitening.double())  # [N, 16]
+    torch.testing.assert_close(torch.cov(whitened.T), torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(whitened.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-5, rtol=0)
     x, text = torch.randn(1, 3, 8, 8, generator=generator), states[:1]
     plain = DiT(dit_config("tiny", pooled_text=True)).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("text_")})
-    standardized = (text - real.mean(0).float()) / real.std(0).float()
+    by_hand = ((text.double() - model.text_mean.double()) @ model.text_whitening.double()).float()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, torch.tensor([3.0]), text), plain(x, torch.tensor([3.0]), standardized))
+        torch.testing.assert_close(model(x, torch.tensor([3.0]), text), plain(x, torch.tensor([3.0]), by_hand),
+                                   atol=1e-4, rtol=1e-4)
     from diffusion.pipeline import load_dit
     from multimodal.checkpoint import save_native
 
     save_native(model.state_dict(), model.config.to_dict(), tmp_path, "dit")
-    torch.testing.assert_close(load_dit(tmp_path).text_mean, model.text_mean)
+    torch.testing.assert_close(load_dit(tmp_path).text_whitening, model.text_whitening)
 
 
 def test_patchify_round_trip_and_fresh_model_is_adaln_zero():

@@ -1,5 +1,5 @@
-"""The UNet base-stage candidate behind the DiT's signature: padding is never attended to, the standardisation is the
-obvious formula, and the pooled text reaches the output."""
+"""The UNet base-stage candidate behind the DiT's signature: padding is never attended to, the text is whitened as
+the DiT whitens it, and the prompt reaches the output."""
 
 from __future__ import annotations
 
@@ -31,15 +31,18 @@ def test_padding_changes_nothing_and_the_prompt_matters(generator):
     assert (other - plain).abs().max() > 1e-3
 
 
-def test_standardisation_is_the_obvious_formula_and_trains_under_edm(generator):
+def test_whitening_is_the_dits_and_trains_under_edm(generator):
+    from diffusion.denoiser import whitening_statistics
+
     model = _tiny()
-    states = 6 + torch.randn(4, 5, 16, generator=generator)
-    mask = torch.rand(4, 5, generator=generator) > 0.2
+    states = 6 + torch.randn(8, 5, 16, generator=generator)
+    mask = torch.rand(8, 5, generator=generator) > 0.2
     model.set_text_statistics(states, mask)
-    torch.testing.assert_close(model.text_mean, states[mask].mean(0))
-    torch.testing.assert_close(model.text_std, states[mask].std(0))
+    mean, whitening = whitening_statistics(states, mask)
+    torch.testing.assert_close(model.text_mean, mean)
+    torch.testing.assert_close(model.text_whitening, whitening.float())
     model.train()
-    images = torch.rand(4, 3, 16, 16, generator=generator) * 2 - 1
+    images = torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1
     loss = edm_loss(EDMDenoiser(model), images, {"text": states, "text_mask": mask}, generator=generator).mean()
     loss.backward()
     assert torch.isfinite(loss) and model.unet.conv_in.weight.grad.abs().sum() > 0

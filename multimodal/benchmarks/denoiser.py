@@ -4,7 +4,7 @@ CogView3's base stages are (diffusers' `UNet2DConditionModel` with cross-attenti
 `diffusion.unet`).
 
 Each trains the base stage as `multimodal train diffusion` does (32x32 drawing-world scenes and their prompts, the
-frozen GLM states standardised, EDM's loss, the recipe's batch, learning rate and warmup, bf16 autocast where the CPU
+frozen GLM states whitened, EDM's loss, the recipe's batch, learning rate and warmup, bf16 autocast where the CPU
 has it, every core) for --minutes of training time. Every --every seconds of training time it measures, in float32
 on fixed validation batches (the same scenes, prompts, noise levels and noise for both), the EDM loss and the prompt
 gap: the loss with each image given another image's prompt over the loss with its own, less 1 (0: the prompt is not

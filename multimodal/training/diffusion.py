@@ -57,7 +57,7 @@ STAGE_SHAPES = {"base": (4, 6, 6), "relay": (8, 6, 3), "single": (8, 6, 3)}
 def world_dit_config(text_dim: int, patch_size: int, num_heads: int = 3, num_layers: int = 3) -> DiTConfig:
     return DiTConfig(patch_size=patch_size, in_channels=3, out_channels=3, num_layers=num_layers,
                      num_heads=num_heads, head_dim=32, text_dim=text_dim, time_embed_dim=128, condition_dim=16,
-                     pooled_text=True, standardized_text=True)
+                     pooled_text=True, whitened_text=True)
 
 
 def stage_configs(text_dim: int) -> dict[str, DiTConfig]:
@@ -94,7 +94,7 @@ def frozen_text_encoder(text_encoder: str | Path, tokenizer: GLMTokenizer, devic
 
 
 def set_text_statistics(models, encoder, pool: TrainScenes, seed: int, count: int = 1024) -> None:
-    """The text standardisation of every denoiser in `models` from the states of `count` training prompts."""
+    """The text whitening of every denoiser in `models` from the states of `count` training prompts."""
     rng = random.Random(f"text-statistics-{seed}")
     prompts = [draw_prompt(pool.scene(s), rng) for s in pool.batch_seeds(rng, count)]
     chunks = [encoder(prompts[i:i + 64]) for i in range(0, count, 64)]
