@@ -91,7 +91,8 @@ def test_masked_text_padding_changes_nothing(pooled_text):
 
 def test_text_whitening_gives_identity_covariance_and_is_saved(tmp_path, generator):
     model = DiT(dit_config("tiny", pooled_text=True, whitened_text=True)).eval()
-    mixing = torch.randn(16, 16, generator=generator) * torch.logspace(0, -1, 16)  # some directions far louder
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=generator))[0]
+    mixing = torch.logspace(0, -1, 16)[:, None] * rotation  # loud and quiet directions, none below the floor
     states = 5 + torch.randn(40, 6, 16, generator=generator) @ mixing
     mask = torch.rand(40, 6, generator=generator) > 0.3
     model.set_text_statistics(states, mask)
