@@ -27,13 +27,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from multimodal.assets import EMBEDDED_LIMITS
+from multimodal.assets import DRAWING_LIMITS, EMBEDDED_LIMITS
 from multimodal.captioning import caption_rows
+from multimodal.drawing import prompt_warning
 from multimodal.engine import EMBEDDED_NAME, EngineError, GroundedAnswer, Sampling
 from multimodal.image import ImageError, load_image
 from multimodal.world import ATTRIBUTION
 
-DRAW_EXAMPLES = ["a dog with a hat", "a cat wearing sunglasses", "two apples and a car", "一只戴帽子的狗"]
+DRAW_EXAMPLES = ["a dog with a hat", "a cat wearing sunglasses", "an apple to the left of a car",
+                 "a fox with a crown on a blue background", "一只戴着帽子的狗"]
 QUESTION_EXAMPLES = ["Where is the dog?", "Describe the image with boxes.", "What is in the image?"]
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 32
@@ -104,6 +106,8 @@ def build_app(engine, max_new_tokens: int = 256) -> gr.Blocks:
                                   progress=lambda step, total: progress(step / total, desc="drawing"))
         except (EngineError, ValueError) as error:
             raise _friendly(error) from None
+        if engine.name == EMBEDDED_NAME and (warning := prompt_warning(prompt)):
+            gr.Warning(warning)
         return drawing.base[0], drawing.relay[0]
 
     def caption(files: list | None, grounded: bool):
@@ -128,7 +132,8 @@ def build_app(engine, max_new_tokens: int = 256) -> gr.Blocks:
 
     with gr.Blocks(title="GLM multimodal", analytics_enabled=False) as app:
         gr.Markdown(f"## GLM multimodal demo\nModel: `{engine.name}`"
-                    + (f"<br><small>{EMBEDDED_LIMITS}</small>" if engine.name == EMBEDDED_NAME else ""))
+                    + (f"<br><small>{EMBEDDED_LIMITS} {DRAWING_LIMITS}</small>" if engine.name == EMBEDDED_NAME
+                       else ""))
         with gr.Tab("Chat & ground"):
             with gr.Row():
                 with gr.Column():

@@ -186,3 +186,17 @@ def held_out(scene: Scene, task: Task) -> bool:
     """Whether the prompt asks for a held-out (animal, accessory) composition by the accessory's exact name."""
     named = {group[0] for group in named_objects(scene, task) if len(group) == 1}
     return any(accessory in named for _, accessory in scene.compositions & HELD_OUT_COMPOSITIONS)
+
+
+def prompt_warning(prompt: str) -> str | None:
+    """A sentence for a prompt the embedded model cannot follow: one naming no object it draws, or one it does not."""
+    from multimodal.world import mentioned_classes
+
+    lang = "zh" if any("\u4e00" <= char <= "\u9fff" for char in prompt) else "en"
+    named = mentioned_classes(prompt, lang)
+    unknown = sorted(named - set(DRAWING_CLASSES))
+    if unknown:
+        return f"The embedded model has not learned to draw {', '.join(unknown)}; expect something else."
+    if not named:
+        return "This prompt names none of the objects the embedded model draws; expect a random one."
+    return None

@@ -101,3 +101,12 @@ def test_held_out_prompts_name_the_accessory_exactly():
     accessory = scene.objects[1].cls
     assert all(flag == (accessory.with_article() in prompt or accessory.zh in prompt) for prompt, flag in flags.items())
     assert any(flags.values())
+
+
+def test_prompts_outside_the_drawing_world_are_warned_about():
+    from multimodal.drawing import prompt_warning
+
+    assert prompt_warning("a dog with a hat") is None and prompt_warning("一只戴着帽子的狗，蓝色背景") is None
+    assert "taxi" in prompt_warning("a taxi on the left and a dog on the right")
+    assert "none of the objects" in prompt_warning("a giraffe in a spaceship")
+    assert "pizza" in prompt_warning("一块披萨")

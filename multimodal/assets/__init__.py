@@ -16,6 +16,10 @@ ASSETS_DIR = Path(__file__).resolve().parent
 EMBEDDED_LIMITS = ("The embedded models know only the EmojiScenes world: 77 OpenMoji classes (animals, hats and "
                    "glasses, food, vehicles, plants, things) on simple backgrounds; `multimodal scene` shows one. "
                    "They are not for photos: pass --checkpoint with a real CogVLM or GLM-4V checkpoint for those.")
+DRAWING_LIMITS = ("The embedded text-to-image model draws one or two of 24 objects (12 animals, 12 others) at 64x64, "
+                  "an animal wearing a hat, a crown or glasses, two side by side or stacked, on a plain named "
+                  "background colour, from English or Chinese prompts in the world's wording: \"a dog with a hat\", "
+                  "\"a cat on the left and a car on the right\", \"一只戴着帽子的狗，蓝色背景\".")
 
 
 def asset_path(name: str) -> Path:

@@ -17,12 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from multimodal.assets import DRAWING_LIMITS
 from multimodal.commands._options import add_model_options
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("draw", help="draw an image from a text prompt (base + relay stages)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=__doc__ + "\n" + DRAWING_LIMITS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="+", help="what to draw (several prompts need --grid)")
     parser.add_argument("--grid", default=None, help="write a contact sheet (prompts x seeds) to this PNG")
     parser.add_argument("--out", default="image.png", help="output PNG path (default image.png)")
@@ -103,6 +105,11 @@ def main(args: argparse.Namespace) -> int:
 
     if len(args.prompt) > 1 and args.grid is None:
         raise ValueError(f"{len(args.prompt)} prompts were given; draw one at a time, or pass --grid for a sheet.")
+    if args.checkpoint is None and is_main_process():
+        from multimodal.drawing import prompt_warning
+
+        for warning in filter(None, map(prompt_warning, args.prompt)):
+            print(f"warning: {warning}", file=sys.stderr)
     pipe = load_pipeline(args)
     height, width = args.height or pipe.sizes[0][0], args.width or pipe.sizes[0][1]
     if (height, width) not in pipe.sizes and is_main_process():
