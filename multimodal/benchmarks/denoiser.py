@@ -56,13 +56,16 @@ def measure(denoiser, batches) -> tuple[float, float]:
     import torch
 
     from diffusion.sampling import edm_loss
+    from multimodal.training.diffusion import P_MEAN, P_STD
 
-    own = other = 0.0
+    def loss(images, cond, index: int) -> float:
+        generator = torch.Generator().manual_seed(index)
+        return edm_loss(denoiser, images, cond, P_MEAN, P_STD, generator=generator).mean().item()
+
     with torch.no_grad():
-        for index, (images, cond) in enumerate(batches):
-            shuffled = {name: value.roll(1, dims=0) for name, value in cond.items()}
-            own += edm_loss(denoiser, images, cond, generator=torch.Generator().manual_seed(index)).mean().item()
-            other += edm_loss(denoiser, images, shuffled, generator=torch.Generator().manual_seed(index)).mean().item()
+        own = sum(loss(images, cond, i) for i, (images, cond) in enumerate(batches))
+        other = sum(loss(images, {name: value.roll(1, dims=0) for name, value in cond.items()}, i)
+                    for i, (images, cond) in enumerate(batches))
     return own / len(batches), other / own - 1
 
 
@@ -70,7 +73,7 @@ def curve(candidate: str, text_dim: int, encoder, pool, validation, args, settin
     import torch
 
     from diffusion.sampling import EDMDenoiser, edm_loss
-    from multimodal.training.diffusion import WARMUP_SAMPLES, set_text_statistics
+    from multimodal.training.diffusion import P_MEAN, P_STD, WARMUP_SAMPLES, set_text_statistics
     from multimodal.training.loop import Runtime
 
     torch.manual_seed(args.seed)
@@ -97,7 +100,7 @@ def curve(candidate: str, text_dim: int, encoder, pool, validation, args, settin
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * min(1.0, (step + 1) * settings.batch_size / WARMUP_SAMPLES)
         with settings.runtime.context():
-            loss = edm_loss(denoiser, images, cond, generator=torch.Generator().manual_seed(step)).mean()
+            loss = edm_loss(denoiser, images, cond, P_MEAN, P_STD, generator=torch.Generator().manual_seed(step)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
