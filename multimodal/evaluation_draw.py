@@ -58,10 +58,10 @@ class DrawItem:
         return named_objects(self.scene, self.task)
 
 
-def draw_items(count: int, offset: int = 0) -> list[DrawItem]:
-    """One prompt per consecutive test scene, languages alternating."""
+def draw_items(count: int, offset: int = 0, split: str = "test") -> list[DrawItem]:
+    """One prompt per consecutive scene of the split, languages alternating."""
     return [DrawItem(scene, pick_prompt(scene, random.Random(seed), ("en", "zh")[index % 2]))
-            for index, seed in enumerate(split_seeds("test", count, offset))
+            for index, seed in enumerate(split_seeds(split, count, offset))
             for scene in [make_scene(seed, DRAWING)]]  # fmt: skip
 
 
@@ -138,15 +138,16 @@ def share(flags) -> float:
 
 
 def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = None, batch_size: int = 16,
-                  seed: int = 0, held_out_count: int = 10) -> tuple[Result, list[DrawItem], list]:
-    """(Result, the main items, their relay images). `answer` is the VLM's (None: no VLM opinion)."""
+                  seed: int = 0, held_out_count: int = 10, split: str = "test") -> tuple[Result, list[DrawItem], list]:
+    """(Result, the main items, their relay images). `answer` is the VLM's (None: no VLM opinion). On the val split
+    (for choosing sampler settings) there are no held-out compositions to measure."""
     from diffusion.pipeline import RelayPipeline
     from multimodal.evaluation import equal_compute_steps
     from multimodal.judge import frechet_distance
     from multimodal.training.loop import scene_image
 
-    items = draw_items(count)
-    extra = held_out_items(held_out_count)
+    items = draw_items(count, split=split)
+    extra = held_out_items(held_out_count) if split == "test" else []
     single_pipeline = RelayPipeline(pipeline.text_encoder, single, None, pipeline.config)
     text_len = max(pipeline.text_encoder(item.task.prompt)[0].shape[1] for item in items[:8])
     single_steps = equal_compute_steps(pipeline, single, text_len)
@@ -181,7 +182,8 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
     for lang in ("en", "zh"):
         picked = [p for p, item in zip(presence, items) if item.task.lang == lang]
         details[f"{lang} ({len(picked)})"] = share(picked)
-    details[f"held-out compositions ({len(extra)})"] = share(judge_presence(judge, held_out_images, extra))
+    if extra:
+        details[f"held-out compositions ({len(extra)})"] = share(judge_presence(judge, held_out_images, extra))
     details["background colour"] = background_accuracy(relay_images, items)
     details["CLIPScore"] = float(judge.clip_score(relay_images, [item.task.prompt for item in items]).mean())
     details["FD relay"] = frechet_distance(judge.image_features(relay_images), rendered_features)

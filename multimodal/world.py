@@ -70,6 +70,7 @@ class ObjectClass:
 
 # English plurals no suffix rule gives; "glasses" names one thing and is its own plural.
 IRREGULAR_PLURALS = {"mouse": "mice", "fish": "fish", "glasses": "glasses", "sunglasses": "sunglasses"}
+PLURAL_ONLY = frozenset({"glasses", "sunglasses"})  # one thing, a plural noun
 # Words whose first letter is a vowel but whose first sound is not (or the other way round).
 CONSONANT_SOUND = ("uni", "use", "euro", "one")
 
@@ -638,7 +639,8 @@ def scene_tasks(scene: Scene) -> list[Task]:
         tasks.append(Task("grounded_caption", lang, GROUNDED_PROMPTS[lang], describe(scene, lang, boxes=True)))
     for index in range(len(scene.objects)):
         box = format_boxes([scene.box_per_mille(index)])
-        tasks.append(Task("refer", "en", f"Where is {referring_expression(scene, index, 'en')}?", box, index))
+        verb = "are" if scene.objects[index].name in PLURAL_ONLY else "is"  # "Where are the sunglasses?"
+        tasks.append(Task("refer", "en", f"Where {verb} {referring_expression(scene, index, 'en')}?", box, index))
         tasks.append(Task("refer", "zh", f"{referring_expression(scene, index, 'zh')}在哪里？", box, index))
     tasks.extend(vqa(scene, random.Random(scene.seed * 7919 + 1)))
     if scene.drawing:

@@ -73,3 +73,31 @@ def test_follow_up_eval_asks_the_same_questions_first_and_after_a_caption():
     steady = evaluate_follow_ups(lambda i, c, m: [truth.get(t[-1][1], "a caption") for t in c], 12)
     assert steady.value == 1.0 and steady.details["gap"] == 0 and steady.passed
     assert steady.bar == pytest.approx(1.0 - FOLLOW_UP_GAP)
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from multimodal.assets import asset_path, load_world_tokenizer
+    from multimodal.judge import load_judge
+
+    return load_judge(asset_path("judge"), load_world_tokenizer())
+
+
+def test_the_judge_finds_every_object_in_rendered_drawing_scenes(judge):
+    from multimodal.evaluation_draw import draw_items, judge_presence, r_precision, share
+    from multimodal.training.loop import scene_image
+
+    items = draw_items(RENDER_SLICE)
+    rendered = [scene_image(item.scene, 64) for item in items]
+    assert share(judge_presence(judge, rendered, items)) >= DRAW_FLOORS["render accuracy"]
+    assert r_precision(judge, rendered, items) >= DRAW_FLOORS["render R-precision"]
+
+
+def test_drawings_on_a_test_slice_stay_above_their_floors(engine, judge):
+    from multimodal.evaluation_draw import draw_items, judge_presence, r_precision, share
+
+    items = draw_items(DRAW_SLICE)
+    images = engine.painter([item.task.prompt for item in items], seed=list(range(DRAW_SLICE))).relay
+    presence, precision = share(judge_presence(judge, images, items)), r_precision(judge, images, items)
+    assert presence >= DRAW_FLOORS["presence"], presence
+    assert precision >= DRAW_FLOORS["R-precision"], precision

@@ -179,3 +179,10 @@ def test_english_plurals_and_articles(name, plural, with_article):
 
     assert CLASSES[name].plural == plural and CLASSES[name].with_article() == with_article
     assert name in mentioned_classes(f"How many {plural} are there?", "en")
+
+
+def test_questions_about_plural_nouns_agree_with_them():
+    scenes = (make_scene(seed) for seed in range(400))
+    asked = {t.prompt for scene in scenes for t in scene_tasks(scene) if t.kind == "refer" and t.lang == "en"}
+    assert "Where are the sunglasses?" in asked and "Where is the dog?" in asked
+    assert not any(q.startswith("Where is") and q.endswith("glasses?") for q in asked)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from multimodal.commands._options import add_model_options
@@ -30,6 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--count", type=int, default=None,
                         help="test items (default: 200)")
     parser.add_argument("--sheet", default=None, help="draw: write a contact sheet of the first 24 prompts here")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="draw: the val split is for choosing sampler settings, the test split for reporting")
+    parser.add_argument("--guidance", type=float, default=None, help="draw: guidance scale (default: the model's)")
     parser.add_argument("--judge", default=None, help="judge checkpoint folder (default: the shipped judge)")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     add_model_options(parser)
@@ -47,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "draw":
         from multimodal.evaluation_draw import evaluate_draw, write_sheet
 
+        if args.guidance is not None:
+            engine.painter.config = replace(engine.painter.config, guidance_scale=args.guidance)
         result, items, images = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge),
-                                              count, answer_with(engine.chat_model), seed=args.seed)
+                                              count, answer_with(engine.chat_model), seed=args.seed, split=args.split)
         if args.sheet:
             write_sheet(args.sheet, items, images)
     elif args.task == "chat":
