@@ -178,6 +178,18 @@ def test_draw_command_saves_base_and_relay_images_and_prints_seeds(tmp_path, cap
     for name, size in [("dog-1.png", (16, 16)), ("dog-1.base.png", (8, 8)), ("dog-2.png", (16, 16))]:
         assert Image.open(tmp_path / "out" / name).size == size
 
+    # A contact sheet: the same images, a row per prompt, after a rendered scene of the prompt where there is one.
+    sheet = tmp_path / "sheet.png"
+    assert main(["draw", "a dog with a hat", "a giraffe", "--checkpoint", str(folder), "--grid", str(sheet),
+                 "--seed", "3", "--num-images", "2"]) == 0
+    from multimodal.sheet import GAP, LABEL_HEIGHT
+
+    grid = Image.open(sheet)
+    first = Image.open(tmp_path / "out" / "dog-1.png").resize((128, 128), Image.Resampling.NEAREST)
+    left, top = GAP + (128 + GAP), LABEL_HEIGHT + GAP + LABEL_HEIGHT  # row 0, column 1 (seed 3)
+    assert grid.crop((left, top, left + 128, top + 128)).tobytes() == first.convert("RGB").tobytes()
+    assert main(["draw", "a dog", "a cat", "--checkpoint", str(folder)]) == 1  # several prompts need --grid
+
 
 def test_bench_draw_prints_both_modes(capsys):
     from multimodal.cli import main
