@@ -139,8 +139,9 @@ def share(flags) -> float:
 
 def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = None, batch_size: int = 16,
                   seed: int = 0, held_out_count: int = 10, split: str = "test") -> tuple[Result, list[DrawItem], list]:
-    """(Result, the main items, their relay images). `answer` is the VLM's (None: no VLM opinion). On the val split
-    (for choosing sampler settings) there are no held-out compositions to measure."""
+    """(Result, the main items, their relay images). `answer` is the VLM's (None: no VLM opinion); `single` the
+    single-stage baseline (None: no relay-against-single measures). On the val split (for choosing sampler settings)
+    there are no held-out compositions to measure."""
     from diffusion.pipeline import RelayPipeline
     from multimodal.evaluation import equal_compute_steps
     from multimodal.judge import frechet_distance
@@ -148,9 +149,10 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
 
     items = draw_items(count, split=split)
     extra = held_out_items(held_out_count) if split == "test" else []
-    single_pipeline = RelayPipeline(pipeline.text_encoder, single, None, pipeline.config)
-    text_len = max(pipeline.text_encoder(item.task.prompt)[0].shape[1] for item in items[:8])
-    single_steps = equal_compute_steps(pipeline, single, text_len)
+    if single is not None:
+        single_pipeline = RelayPipeline(pipeline.text_encoder, single, None, pipeline.config)
+        text_len = max(pipeline.text_encoder(item.task.prompt)[0].shape[1] for item in items[:8])
+        single_steps = equal_compute_steps(pipeline, single, text_len)
 
     def draw(batch: list[DrawItem], start: int, relay: bool = True):
         prompts, seeds = [item.task.prompt for item in batch], [seed + start + i for i in range(len(batch))]
@@ -161,7 +163,8 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
     relay_images, single_images, held_out_images = [], [], []
     for start in range(0, len(items), batch_size):
         relay_images += draw(items[start:start + batch_size], start)
-        single_images += draw(items[start:start + batch_size], start, relay=False)
+        if single is not None:
+            single_images += draw(items[start:start + batch_size], start, relay=False)
     for start in range(0, len(extra), batch_size):
         held_out_images += draw(extra[start:start + batch_size], count + start)
     rendered = [scene_image(item.scene, 64) for item in items]
@@ -187,9 +190,10 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
     details["background colour"] = background_accuracy(relay_images, items)
     details["CLIPScore"] = float(judge.clip_score(relay_images, [item.task.prompt for item in items]).mean())
     details["FD relay"] = frechet_distance(judge.image_features(relay_images), rendered_features)
-    details["FD single-stage"] = frechet_distance(judge.image_features(single_images), rendered_features)
-    details["single-stage presence"] = share(judge_presence(judge, single_images, items))
-    details["single-stage steps"] = single_steps
+    if single is not None:
+        details["FD single-stage"] = frechet_distance(judge.image_features(single_images), rendered_features)
+        details["single-stage presence"] = share(judge_presence(judge, single_images, items))
+        details["single-stage steps"] = single_steps
     result = Result("draw", "all objects present", share(presence), len(items), BARS["draw"], details)
     return result, items, relay_images
 

@@ -9,7 +9,8 @@ against single stage at equal compute, each beside its value on the rendered sce
 
 The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
 quantizes them after loading, as every command does. The draw measure also needs the judge (`--judge`, default
-the shipped one) and the single-stage baseline (`diffusion/single/` of the suite folder).
+the shipped one) and the single-stage baseline (`diffusion/single/` of the suite folder; a float32 comparison, so a
+quantized run leaves it out).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.guidance is not None:
             engine.painter.config = replace(engine.painter.config, guidance_scale=args.guidance)
-        result, items, images = evaluate_draw(engine.painter, _single_stage(args.checkpoint), _judge(args.judge),
+        single = _single_stage(args.checkpoint) if args.quant == "none" else None  # a float32 comparison
+        result, items, images = evaluate_draw(engine.painter, single, _judge(args.judge),
                                               count, answer_with(engine.chat_model), seed=args.seed, split=args.split)
         if args.sheet:
             write_sheet(args.sheet, items, images)
