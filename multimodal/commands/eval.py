@@ -9,8 +9,8 @@ against single stage at equal compute, each beside its value on the rendered sce
 
 The models are the embedded ones unless --checkpoint names a suite folder (`vlm/`, `diffusion/`); `--quant`
 quantizes them after loading, as every command does. The draw measure also needs the judge (`--judge`, default
-the shipped one) and the single-stage baseline (`diffusion/single/` of the suite folder; a float32 comparison, so a
-quantized run leaves it out).
+the suite folder's, else the shipped one) and the single-stage baseline (`diffusion/single/` of the suite folder; a
+float32 comparison, so a quantized run leaves it out).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         if args.guidance is not None:
             engine.painter.config = replace(engine.painter.config, guidance_scale=args.guidance)
         single = _single_stage(args.checkpoint) if args.quant == "none" else None  # a float32 comparison
-        result, items, images = evaluate_draw(engine.painter, single, _judge(args.judge),
+        result, items, images = evaluate_draw(engine.painter, single, _judge(args.judge, args.checkpoint),
                                               count, answer_with(engine.chat_model), seed=args.seed, split=args.split)
         if args.sheet:
             write_sheet(args.sheet, items, images)
@@ -81,8 +81,12 @@ def _single_stage(checkpoint: str | None):
     return load_dit(folder)
 
 
-def _judge(path: str | None):
+def _judge(path: str | None, checkpoint: str | None):
+    """--judge, else the judge of the --checkpoint suite folder, else the shipped one."""
     from multimodal.assets import asset_path, load_world_tokenizer
     from multimodal.judge import load_judge
 
+    suite_judge = Path(checkpoint) / "judge" if checkpoint else None
+    if path is None and suite_judge is not None and suite_judge.is_dir():
+        path = suite_judge
     return load_judge(path or asset_path("judge"), load_world_tokenizer())
