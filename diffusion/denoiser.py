@@ -152,8 +152,8 @@ class TimeConditionEmbed(nn.Module):
 def whitening_statistics(states: torch.Tensor, mask: torch.Tensor, floor: float = 1e-4):
     """(mean [D], W [D, D]) so that (x - mean) @ W has identity covariance over the real tokens (`mask` [B, T]) of
     `states` [B, T, D]; eigenvalues below `floor` x the largest are raised to it. A small frozen text encoder's
-    states vary mostly along a few directions (language, position): "a dog" and "a car" have cosine 0.98 at the noun,
-    0.46 after whitening, so the denoiser is handed the directions that tell prompts apart at full scale."""
+    states vary mostly along a few directions (language, position), where "a dog" and "a car" look alike; whitened,
+    the directions that tell prompts apart reach the denoiser at full scale."""
     real = states[mask.bool()].double()  # [tokens, D]
     mean = real.mean(0)
     eigenvalues, vectors = torch.linalg.eigh(torch.cov((real - mean).T))

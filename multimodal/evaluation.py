@@ -181,12 +181,3 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -
     first_turn, follow_up = sum(first) / len(first), sum(follow) / len(follow)
     return Result("chat", "follow-up exact match", follow_up, len(follow), first_turn - FOLLOW_UP_GAP,
                   {"first-turn exact match": first_turn, "gap": first_turn - follow_up})
-
-
-def equal_compute_steps(pipeline, single, text_len: int) -> int:
-    """Heun steps of the single-stage model whose FLOPs match the relay pipeline's base + relay steps."""
-    config = pipeline.config
-    target = pipeline.flops(64, 64, text_len, config.base_steps, config.relay_steps)
-    passes = 2 if config.guidance_scale != 1 else 1
-    per_step = passes * single.flops_per_forward(64, 64, text_len)
-    return max(1, round((target / per_step + 1) / 2))  # Heun: 2N - 1 evaluations

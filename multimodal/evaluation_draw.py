@@ -137,13 +137,21 @@ def share(flags) -> float:
     return sum(flags) / max(1, len(flags))
 
 
+def equal_compute_steps(pipeline, single, text_len: int) -> int:
+    """Heun steps of the single-stage model whose FLOPs match the relay pipeline's base + relay steps."""
+    config = pipeline.config
+    target = pipeline.flops(64, 64, text_len, config.base_steps, config.relay_steps)
+    passes = 2 if config.guidance_scale != 1 else 1
+    per_step = passes * single.flops_per_forward(64, 64, text_len)
+    return max(1, round((target / per_step + 1) / 2))  # Heun: 2N - 1 evaluations
+
+
 def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = None, batch_size: int = 16,
                   seed: int = 0, held_out_count: int = 10, split: str = "test") -> tuple[Result, list[DrawItem], list]:
     """(Result, the main items, their relay images). `answer` is the VLM's (None: no VLM opinion); `single` the
     single-stage baseline (None: no relay-against-single measures). On the val split (for choosing sampler settings)
     there are no held-out compositions to measure."""
     from diffusion.pipeline import RelayPipeline
-    from multimodal.evaluation import equal_compute_steps
     from multimodal.judge import frechet_distance
     from multimodal.training.loop import scene_image
 

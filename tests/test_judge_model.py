@@ -73,7 +73,7 @@ def test_evaluation_helpers():
 def test_single_stage_steps_match_relay_compute():
     from diffusion.denoiser import DiT
     from diffusion.pipeline import RelayConfig, RelayPipeline
-    from multimodal.evaluation import equal_compute_steps
+    from multimodal.evaluation_draw import equal_compute_steps
     from multimodal.training.diffusion import stage_configs
 
     configs = stage_configs(32)

@@ -46,9 +46,8 @@ RELAY_SAMPLING = {"relay_start_sigma": 0.3, "s_noise": 0.0}
 
 EMA_DECAY = 0.999
 # ln(sigma) ~ N(P_MEAN, P_STD^2) for the base and single-stage losses. EDM's ImageNet setting (-1.2, 1.2) puts 16%
-# of samples above sigma 1, where what is drawn gets decided; the prompt then took thousands of steps to matter
-# (after 1,000 steps the loss at sigma 20 was the unconditional one although the prompt's background colour alone
-# explains 30% of the pixel variance). (-0.4, 1.4) puts 39% there and keeps 9% below sigma 0.1.
+# of samples above sigma 1, where what is drawn gets decided, and the prompt went nearly unused for over a thousand
+# steps (the logged prompt gap, README). (-0.4, 1.4) puts 39% there and keeps 9% below sigma 0.1.
 P_MEAN, P_STD = -0.4, 1.4
 RECIPE = LoopRecipe(base_batch=16, base_lr=5e-4, fast_batch=16)  # larger batches learned less per sample
 WARMUP_SAMPLES = 3200  # the warmup, in samples so it means the same at any batch
