@@ -78,3 +78,14 @@ def parse_tool_call(reply: str, names: Sequence[str]) -> ToolCall | None:
     except json.JSONDecodeError:
         return None
     return ToolCall(name.strip(), arguments) if isinstance(arguments, dict) else None
+
+
+def tool_call_message(call: ToolCall, renders_chat_template: bool) -> dict:
+    """An earlier tool call as the assistant message the model family writes: GLM-4 `{name}\\n{JSON}`, ChatGLM3
+    `{name}\\n` then its code block (as THUDM's `chat` keeps it in the history)."""
+    if renders_chat_template:
+        content = json.dumps(call.arguments, ensure_ascii=False)
+    else:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
+        content = f"```python\ntool_call({arguments})\n```"
+    return {"role": "assistant", "metadata": call.name, "content": content}

@@ -25,6 +25,7 @@ The parts' interface, which `vlm.chat.VLMChat` and `diffusion.pipeline.RelayPipe
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +76,9 @@ class ChatRequest:
     question: str
     history: tuple[Turn, ...] = ()
     sampling: Sampling = Sampling()
+    role: str = "user"  # whose message `question` is: the user's, or a tool's result ("observation")
+    tools: tuple[dict, ...] = ()  # OpenAI-style function tools (text models only)
+    tool_choice: str | dict = "auto"  # as OpenAI's: none, auto, required, or {"function": {"name": ...}}
 
 
 @dataclass
@@ -123,7 +127,7 @@ class Engine:
         """An engine over already built parts, with the EmojiScenes prompts and scenes."""
         from multimodal.world import CAPTION_PROMPTS, GROUNDED_PROMPTS, make_scene, render
 
-        if getattr(chat_model.processor, "template", "suite") == "suite":
+        if getattr(getattr(chat_model, "processor", None), "template", "suite") == "suite":
             caption, grounded = CAPTION_PROMPTS["en"], GROUNDED_PROMPTS["en"]
         else:  # real CogVLM-family checkpoints were trained with these
             from vlm.processor import GROUNDED_CAPTION_PROMPT
@@ -134,8 +138,8 @@ class Engine:
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, quant: str = "none", group_size: int = 64,
              device: str = "cpu", dtype: str = "float32", tp: int = 1, exclude: Sequence[str] = ()) -> Engine:
-        """A suite folder (`vlm/` and optionally `diffusion/`), a lone VLM folder (no drawing), or the embedded
-        models when `checkpoint` is None.
+        """A suite folder (`vlm/` and optionally `diffusion/`), a lone VLM folder (no drawing), a GLM text model's
+        folder (ChatGLM3, GLM-4 chat: chat and tool calls only), or the embedded models when `checkpoint` is None.
 
         `quant` ("int8" / "int4" with `group_size`; Linear layers matching an `exclude` glob stay in float) applies
         to the VLM, whose GLM is also the painter's text encoder, and to both denoisers; a VLM checkpoint written
@@ -157,6 +161,11 @@ class Engine:
         if not folder.exists():
             raise EngineError(f"The checkpoint {folder} does not exist.")
         loading = _Loading(quant, group_size, tuple(exclude), device, DTYPES[dtype], tp)
+        if _is_text_model(folder):
+            from glm.chat import GLMChat
+
+            return cls.from_parts(GLMChat(loading.glm(folder), GLMTokenizer.load(folder)), None,
+                                  folder.resolve().name)
         vlm_folder = folder / VLM_FOLDER if (folder / VLM_FOLDER).is_dir() else folder
         model = loading.vlm(vlm_folder)
         tokenizer = GLMTokenizer.load(vlm_folder if (vlm_folder / "tokenizer.json").exists() or
@@ -212,29 +221,47 @@ class Engine:
 
     # --- understanding -------------------------------------------------------------------------------------------
 
+    @property
+    def sees_images(self) -> bool:
+        return getattr(self.chat_model, "sees_images", True)
+
     def chat_stream(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
-                    sampling: Sampling = Sampling(), usage: Usage | None = None) -> Iterator[str]:
-        """Text deltas of the answer to `question` about `image`, after the earlier `history` turns; `usage` (a
-        `vlm.chat.Usage`) is filled in when the answer ends."""
-        if usage is None:
-            return self.chat_model.stream(image, _turns(question, history), sampling)
-        return self.chat_model.stream(image, _turns(question, history), sampling, usage=usage)
+                    sampling: Sampling = Sampling(), usage: Usage | None = None, *, role: str = "user",
+                    tools: Sequence[dict] = (), tool_choice: str | dict = "auto") -> Iterator[str]:
+        """Text deltas of the answer to `question` (a message of `role`) about `image`, after the earlier `history`
+        turns; `usage` (a `vlm.chat.Usage`) is filled in when the answer ends. `tools` and `tool_choice` as in
+        `glm.chat.GLMChat.plan_tools`, for text models."""
+        turns = self._turns(role, question, history)
+        options = {} if usage is None else {"usage": usage}
+        if tools or tool_choice != "auto":
+            if self.sees_images:
+                raise EngineError("This model does not call tools; tools need a GLM text model (ChatGLM3, GLM-4).")
+            options.update(tools=tuple(tools), tool_choice=tool_choice)
+        if image is not None and not self.sees_images:
+            raise EngineError("This is a text model; it cannot see images. Send the question without one.")
+        return self.chat_model.stream(image, turns, sampling, **options)
 
     def chat(self, image: Image.Image | None, question: str, history: Sequence[Turn] = (),
-             sampling: Sampling = Sampling()) -> str:
-        return "".join(self.chat_stream(image, question, history, sampling))
+             sampling: Sampling = Sampling(), *, role: str = "user", tools: Sequence[dict] = (),
+             tool_choice: str | dict = "auto") -> str:
+        return "".join(self.chat_stream(image, question, history, sampling, role=role, tools=tools,
+                                        tool_choice=tool_choice))
 
     def chat_batch(self, requests: Sequence[ChatRequest], usages: Sequence[Usage] | None = None) -> list[str]:
-        """Answer several independent requests; greedy ones with an image and the same length limit run as one
-        batch, and every answer is the one the request gets alone. `usages`, one per request, are filled in."""
+        """Answer several independent requests; greedy ones with an image (any, for a text model) and the same
+        length limit run as one batch, and every answer is the one the request gets alone. `usages`, one per
+        request, are filled in."""
         usages = list(usages) if usages is not None else [Usage() for _ in requests]
         answers: list[str | None] = [None] * len(requests)
         groups: dict[object, list[int]] = {}
         for index, request in enumerate(requests):
             sampling = request.sampling
-            if request.image is None:  # text-only rows have no image slot to align; they run alone
-                answers[index] = "".join(self.chat_stream(None, request.question, request.history, sampling,
-                                                          usages[index]))
+            if request.tools or request.tool_choice != "auto" or request.role != "user" or (
+                    request.image is None and self.sees_images):
+                # tool requests plan their own prompts, and a VLM's text-only rows have no image slot to align
+                answers[index] = "".join(self.chat_stream(
+                    request.image, request.question, request.history, sampling, usages[index], role=request.role,
+                    tools=request.tools, tool_choice=request.tool_choice))
             elif sampling.temperature == 0:  # greedy answers ignore the seed, so any seeds can share a batch
                 groups.setdefault(replace(sampling, seed=0), []).append(index)
             else:  # a sampled row's draws depend on its place in a batch; alone, its answer depends on its seed only
@@ -242,7 +269,7 @@ class Engine:
         for indices in groups.values():
             texts = self.chat_model.answer_batch(
                 [requests[i].image for i in indices],
-                [_turns(requests[i].question, requests[i].history) for i in indices],
+                [self._turns("user", requests[i].question, requests[i].history) for i in indices],
                 requests[indices[0]].sampling,
                 usages=[usages[i] for i in indices],
             )
@@ -299,14 +326,30 @@ class Engine:
             raise EngineError("This engine has no scene maker.")
         return self.scene_maker(seed)
 
+    # --- conversations -------------------------------------------------------------------------------------------
 
-def _turns(question: str, history: Sequence[Turn]) -> list[Turn]:
-    if not question.strip():
-        raise EngineError("The question is empty; ask something about the image.")
-    for role, _ in history:
-        if role not in ("user", "assistant"):
-            raise EngineError(f"A conversation turn has the role '{role}'; only 'user' and 'assistant' are known.")
-    return [*history, ("user", question)]
+    def _turns(self, role: str, question: str, history: Sequence[Turn]) -> list[Turn]:
+        """The conversation for the chat model; a VLM drops system messages (it was trained without them)."""
+        if role == "user" and not question.strip():
+            raise EngineError("The question is empty; ask something.")
+        roles = ("system", "user", "assistant") if self.sees_images else ("system", "user", "assistant", "observation")
+        for turn_role, _ in [*history, (role, question)]:
+            if turn_role not in roles:
+                raise EngineError(f"A conversation turn has the role '{turn_role}'; this model knows "
+                                  f"{', '.join(roles)}.")
+        turns = [*history, (role, question)]
+        return [turn for turn in turns if turn[0] != "system"] if self.sees_images else turns
+
+
+def _is_text_model(folder: Path) -> bool:
+    """A GLM text model's folder: our native GLM, ChatGLM3 / GLM-4 chat, or transformers' GlmForCausalLM."""
+    config = folder / "config.json"
+    if not config.exists():
+        return False
+    values = json.loads(config.read_text())
+    if values.get("kind") == "glm":
+        return True
+    return values.get("model_type") in ("chatglm", "glm") and "vision_config" not in values
 
 
 class _Loading:
@@ -362,6 +405,23 @@ class _Loading:
             return self._sharded(folder, lambda: VisionLanguageModel(config))
         config, state, _ = read_vlm_checkpoint(folder)  # a foreign format is converted in memory, then cut
         return self._sharded(state, lambda: VisionLanguageModel(config))
+
+    def glm(self, folder: Path):
+        from glm.convert import build_glm, is_encoder_only, load_glm, read_glm_checkpoint
+        from multimodal.checkpoint import read_native_config
+        from vlm.convert import read_raw_config
+
+        if self.world == 1:
+            return load_glm(folder, self.dtype, self.device, quant=self.quant, group_size=self.group_size,
+                            exclude=self.exclude)
+        raw = read_raw_config(folder)
+        if raw.get("kind") == "glm":  # native: each rank reads only its slices from disk
+            from glm.model import GLMConfig
+
+            config = GLMConfig.from_dict(read_native_config(folder, kind="glm"))
+            return self._sharded(folder, lambda: build_glm(config, is_encoder_only("native", raw)))
+        config, state, detected = read_glm_checkpoint(folder)  # a foreign format is converted in memory, then cut
+        return self._sharded(state, lambda: build_glm(config, is_encoder_only(detected, raw)))
 
     def painter(self, folder: Path, text_encoder):
         """The relay pipeline of a pipeline folder (native DiTs in base/ and relay/) around `text_encoder`."""

@@ -4,8 +4,10 @@ Endpoints:
 - `GET /v1/models`: the one model this server runs.
 - `POST /v1/chat/completions`: `messages` whose content is a string or a list of `text` and `image_url` parts; an
   image is given as a `data:` URL (base64), since the server never fetches from the network. One image per
-  conversation (as CogVLM); earlier user/assistant messages become the history; system messages are accepted and
-  ignored (the models were not trained with one). `stream: true` answers with server-sent events
+  conversation (as CogVLM); earlier messages become the history; a VLM ignores system messages (it was not trained
+  with one). With a GLM text model (ChatGLM3, GLM-4 chat), `tools` / `tool_choice` / `tool_calls` and `tool`
+  messages map onto GLM's tool calling (`multimodal.openai_tools`); a reply that calls a tool comes back as
+  `tool_calls` with finish_reason "tool_calls". `stream: true` answers with server-sent events
   (`chat.completion.chunk` objects, then `data: [DONE]`). Honoured: `max_tokens` / `max_completion_tokens`,
   `temperature` (0, the default, is greedy), `top_p`, `seed`, `stream_options.include_usage`; other fields are
   ignored. `finish_reason` is "length" when `max_tokens` cut the answer, else "stop"; every answer carries `usage`
@@ -48,6 +50,17 @@ from starlette.exceptions import HTTPException
 
 from multimodal.engine import ChatRequest, EngineError, Sampling
 from multimodal.image import ImageError, load_image
+from multimodal.openai_tools import (
+    FunctionTool,
+    ToolCallBody,
+    ToolCallStream,
+    ToolChoice,
+    call_from_message,
+    engine_tool_choice,
+    listed_names,
+    reply_message,
+    tool_call_entry,
+)
 from vlm.chat import Usage
 
 log = logging.getLogger(__name__)
@@ -91,8 +104,9 @@ class ImagePart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's earlier call
 
 
 class StreamOptions(_Body):
@@ -110,6 +124,8 @@ class ChatCompletionBody(_Body):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
 
 
 class ImageGenerationBody(_Body):
@@ -148,7 +164,11 @@ def decode_data_url(url: str, param: str):
 def chat_request(body: ChatCompletionBody, default_max_tokens: int) -> ChatRequest:
     image, turns = None, []
     for index, message in enumerate(body.messages):
-        if message.role == "system":
+        if message.role == "assistant" and message.tool_calls:
+            try:
+                turns.append(("assistant", call_from_message(message.tool_calls, f"messages[{index}].tool_calls")))
+            except ValueError as error:
+                raise APIError(400, str(error), f"messages[{index}].tool_calls") from None
             continue
         content = message.content or ""
         parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
@@ -163,11 +183,11 @@ def chat_request(body: ChatCompletionBody, default_max_tokens: int) -> ChatReque
             if image is not None:
                 raise APIError(400, "Only one image per conversation is supported.", param)
             image = decode_data_url(part.image_url.url, param)
-        turns.append((message.role, "\n".join(texts)))
-    if not turns or turns[-1][0] != "user":
-        raise APIError(400, "The last message must come from the user.", "messages")
+        turns.append(("observation" if message.role == "tool" else message.role, "\n".join(texts)))
+    if not turns or turns[-1][0] not in ("user", "observation"):
+        raise APIError(400, "The last message must come from the user (or be a tool's result).", "messages")
     role, question = turns[-1]
-    if not question.strip():
+    if role == "user" and not question.strip():
         raise APIError(400, "The last user message has no text; ask a question.", "messages")
     sampling = Sampling(
         max_new_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
@@ -175,7 +195,9 @@ def chat_request(body: ChatCompletionBody, default_max_tokens: int) -> ChatReque
         top_p=body.top_p,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),  # greedy answers ignore it
     )
-    return ChatRequest(image=image, question=question, history=tuple(turns[:-1]), sampling=sampling)
+    tools = tuple(tool.model_dump() for tool in body.tools or ())
+    return ChatRequest(image=image, question=question, history=tuple(turns[:-1]), sampling=sampling, role=role,
+                       tools=tools, tool_choice=engine_tool_choice(body.tool_choice))
 
 
 def parse_size(size: str | None, sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -274,8 +296,10 @@ class Worker:
 
     def _run_stream(self, job: StreamJob) -> None:
         try:
-            for delta in self.engine.chat_stream(job.request.image, job.request.question, job.request.history,
-                                                 job.request.sampling, job.usage):
+            request = job.request
+            for delta in self.engine.chat_stream(request.image, request.question, request.history, request.sampling,
+                                                 job.usage, role=request.role, tools=request.tools,
+                                                 tool_choice=request.tool_choice):
                 if job.cancelled.is_set():  # the client went away: stop decoding for nobody
                     break
                 job.emit(delta)
@@ -368,10 +392,11 @@ def create_app(engine, max_batch: int = 8, max_queue: int = 64, max_body_bytes: 
             answer, usage = await asyncio.wrap_future(job.future)
         except Exception as error:
             raise as_api_error(error) from None
+        message, finish_reason = reply_message(answer, listed_names(chat.tools, chat.tool_choice),
+                                               usage.finish_reason)
         return {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": engine.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": usage.finish_reason}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
             "usage": _usage(usage),
         }
 
@@ -431,6 +456,7 @@ async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str
         return f"data: {_json(payload)}\n\n"
 
     async def events():
+        split = ToolCallStream(listed_names(chat.tools, chat.tool_choice))
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
@@ -442,8 +468,15 @@ async def _stream_response(worker: Worker, chat: ChatRequest, completion_id: str
                     error = as_api_error(item)
                     yield f"data: {_json({'error': {'message': error.message, 'type': error.kind}})}\n\n"
                     return
-                yield chunk({"content": item})
-            yield chunk({}, job.usage.finish_reason)
+                text = split.feed(item)
+                if text:
+                    yield chunk({"content": text})
+            text, call = split.finish()
+            if text:
+                yield chunk({"content": text})
+            if call is not None:
+                yield chunk({"tool_calls": [tool_call_entry(call, index=0)]})
+            yield chunk({}, "tool_calls" if call is not None else job.usage.finish_reason)
             if include_usage:
                 yield chunk(None, usage=_usage(job.usage))
             yield "data: [DONE]\n\n"

@@ -2,17 +2,10 @@
 here), special token ids, chat prompts at token level, stop tokens, text safety of special spellings."""
 
 import pytest
+from tiny_tokenizers import CORPUS, chatglm3_tokenizer, glm4_tokenizer
 
-from glm.tokenizer import CHATGLM3_SPECIAL_TOKENS, GLM4_SPECIAL_TOKENS, GLMTokenizer, train_bpe, write_tiktoken_model
+from glm.tokenizer import CHATGLM3_SPECIAL_TOKENS, GLM4_SPECIAL_TOKENS, GLMTokenizer, train_bpe
 
-CORPUS = [
-    "The red cube is left of the blue sphere.",
-    "A small green cylinder stands behind a large yellow cone.",
-    "红色的立方体在蓝色球体的左边。",
-    "一个小的绿色圆柱体站在一个大的黄色圆锥后面。",
-    "How many objects are there? There are 3 objects.",
-    "图中有几个物体？有三个物体。",
-] * 20
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is left of the sphere? 球的左边是什么？"},
@@ -26,23 +19,12 @@ def bpe():
 
 @pytest.fixture(scope="module")
 def sentencepiece_tokenizer(tmp_path_factory):
-    import sentencepiece
-
-    prefix = tmp_path_factory.mktemp("sp") / "tokenizer"
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_prefix=str(prefix), model_type="bpe", vocab_size=350,
-        byte_fallback=True, character_coverage=1.0, minloglevel=2,
-    )
-    return GLMTokenizer.load(f"{prefix}.model"), prefix
+    return chatglm3_tokenizer(tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="module")
 def tiktoken_tokenizer(tmp_path_factory):
-    ranks = {bytes([b]): b for b in range(256)}
-    for merge in (b"th", b"he", b"the", b" t", b"er", b"re", b" the", b"ob", b"je", b"ct"):
-        ranks[merge] = len(ranks)
-    path = write_tiktoken_model(ranks, tmp_path_factory.mktemp("tiktoken") / "tokenizer.model")
-    return GLMTokenizer.load(path), ranks
+    return glm4_tokenizer(tmp_path_factory.mktemp("tiktoken"))
 
 
 def manual_chat(tokenizer, encode, role_names, prefix):

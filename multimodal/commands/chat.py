@@ -1,4 +1,5 @@
-"""`multimodal chat [--image IMAGE]`: an interactive conversation; the image is encoded once for all turns.
+"""`multimodal chat [--image IMAGE]`: an interactive conversation; the image is encoded once for all turns. A GLM text
+model's folder (ChatGLM3, GLM-4 chat) as --checkpoint chats without an image.
 
 The model is loaded by `multimodal.engine.Engine.load`, so --quant, --exclude and --tp apply. Under torchrun the
 first rank reads the questions and prints the answers; every rank gets each question, since all of them run the
@@ -41,22 +42,25 @@ def _next_question(stdin, main_process: bool) -> str:
 
 
 def run(args, stdin=None) -> int:
-    from multimodal.engine import Engine
+    from multimodal.engine import Engine, Sampling
     from multimodal.image import load_image
     from multimodal.tp import is_main_process
 
     stdin = stdin or sys.stdin
     image = load_image(args.image) if args.image is not None else None  # a bad image fails before loading
-    chat = Engine.from_args(args).chat_model
+    engine = Engine.from_args(args)
     main_process = is_main_process()
-    conversation = chat.start(image)
-    sampling = chat.sampling(args.max_new_tokens, args.temperature, seed=args.seed)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    history = []
     while question := _next_question(stdin, main_process):
         if main_process:
             print("model> ", end="", flush=True)
-        for delta in conversation.ask(question, sampling):
+        pieces = []
+        for delta in engine.chat_stream(image, question, history, sampling):  # the image is encoded once
+            pieces.append(delta)
             if main_process:
                 print(delta, end="", flush=True)
         if main_process:
             print()
+        history += [("user", question), ("assistant", "".join(pieces))]
     return 0
