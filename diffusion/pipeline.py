@@ -6,8 +6,7 @@ classifier-free guidance with the negative prompt ("" by default, encoded like a
 with prompt dropout to ""). Pixels are in [-1, 1]; both denoisers are `EDMDenoiser`s with sigma_data 0.5 around a
 `DiT` whose size conditions are the image's own size.
 
-`LatentFlowPipeline`: real CogView4 weights: the DiT predicts a flow-matching velocity on VAE latents, sampled by
-`sample_flow_euler` on CogView4's shifted schedule, decoded by diffusers' `AutoencoderKL`.
+CogView4's latent flow-matching pipeline lives in `diffusion.cogview4`.
 
 Randomness: one generator per image (`StackedRandomGenerator`), seeded `seed + i` for image i, so an image depends
 on its seed only, never on the batch it was drawn in.
@@ -28,15 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffusion.denoiser import DIFFUSERS_KEYS, DiT, DiTConfig, config_from_diffusers
+from diffusion.denoiser import DiT, DiTConfig
 from diffusion.relay import BlurSchedule
 from diffusion.sampling import (
     ClassifierFreeGuidance,
     EDMDenoiser,
     StackedRandomGenerator,
-    get_sigmas_cogview4,
     get_sigmas_karras,
-    sample_flow_euler,
     sample_heun,
     sample_relay,
 )
@@ -45,7 +42,6 @@ from multimodal.checkpoint import (
     NATIVE_CONFIG,
     CheckpointError,
     build_on_meta,
-    convert,
     load_into,
     read_native_config,
     read_state_dict,
@@ -280,80 +276,6 @@ class RelayPipeline:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CogView4 (latent space, flow matching)
-
-
-class LatentFlowPipeline:
-    """CogView4: pipe(prompt, ...) -> DrawOutput, with diffusers' AutoencoderKL decoding the latents.
-
-    The text encoder should be a `GLMTextEncoder` with `mask_padding=False` (CogView4's convention).
-    `prompt_embeds` / `negative_prompt_embeds` [B, T, D] may be given instead of prompts.
-    """
-
-    def __init__(self, text_encoder, transformer: DiT, vae):
-        self.text_encoder = text_encoder
-        self.transformer = transformer.eval()
-        self.vae = vae
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        num_images_per_prompt: int = 1,
-        seed: int | Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        callback: Progress | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-    ) -> DrawOutput:
-        model = self.transformer
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        multiple = self.vae_scale * model.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"Size {width}x{height} cannot be drawn: height and width must be multiples of {multiple}."
-            )
-        if prompt_embeds is not None and guidance_scale > 1 and negative_prompt_embeds is None:
-            raise ValueError("With prompt_embeds and guidance_scale > 1, negative_prompt_embeds must be given too.")
-        if prompt_embeds is None:
-            prompts, negatives = _prompts(prompt, negative_prompt, 1)
-            prompt_embeds, _ = self.text_encoder(prompts)
-            if guidance_scale > 1:
-                negative_prompt_embeds, _ = self.text_encoder(negatives)
-        count = prompt_embeds.shape[0] * num_images_per_prompt
-        seeds = _seeds(count, seed, generator)
-        noise = StackedRandomGenerator.from_seeds(seeds)
-        sizes = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device).expand(count, 6)
-
-        def condition(embeds):
-            return {"text": embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0), "sizes": sizes}
-
-        uncond = condition(negative_prompt_embeds) if guidance_scale > 1 else None
-        guided = ClassifierFreeGuidance(model, guidance_scale)
-        h, w = height // self.vae_scale, width // self.vae_scale
-        latents = noise.randn((model.config.in_channels, h, w), torch.float32, device)
-        sigmas, timesteps = get_sigmas_cogview4(num_inference_steps, h * w // model.config.patch_size**2)
-        progress = _StepCounter(callback, num_inference_steps)
-
-        def velocity(x, t, **extra):
-            return guided(x.to(dtype), t, **extra).float()
-
-        latents = sample_flow_euler(
-            velocity, latents, sigmas, timesteps, {"cond": condition(prompt_embeds), "uncond": uncond}, progress
-        )
-        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = _to_output(decoded.clamp(-1, 1), output_type)
-        return DrawOutput(images=images, base=images, relay=[], seeds=seeds)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Files
 
 
@@ -366,18 +288,6 @@ def load_dit(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -
     config = DiTConfig.from_dict(read_native_config(path, kind=DIT_KIND))
     model = build_on_meta(lambda: DiT(config))
     load_into(model, read_state_dict(path), dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_diffusers_transformer(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> DiT:
-    """A diffusers `CogView4Transformer2DModel` folder (config.json + safetensors) as our DiT, via the key table."""
-    path = Path(path)
-    config_path = path / NATIVE_CONFIG
-    if not config_path.exists():
-        raise CheckpointError(f"{path} has no {NATIVE_CONFIG}; a diffusers transformer folder needs one.")
-    config = config_from_diffusers(json.loads(config_path.read_text()))
-    model = build_on_meta(lambda: DiT(config))
-    load_into(model, convert(read_state_dict(path), DIFFUSERS_KEYS), dtype=dtype)
     return model.to(device).eval()
 
 

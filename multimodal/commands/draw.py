@@ -4,8 +4,10 @@ Writes the final (relay) image to --out and the base-stage image beside it (`dog
 `dog-1.png`, `dog-1.base.png`, ... Prints the seed of every image, so any one can be drawn again alone.
 `--grid sheet.png` takes one or more prompts and writes a contact sheet instead: a row per prompt, a column per
 seed, after a first column with a rendered drawing-world scene of that prompt when there is one.
---checkpoint is a pipeline folder (config.json, base/, relay/) or a suite folder holding one in diffusion/; the
-default is the embedded model in multimodal/assets/diffusion.
+--checkpoint is a pipeline folder (config.json, base/, relay/), a suite folder holding one in diffusion/, or a
+CogView4 folder in diffusers' layout (model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/;
+one stage, 50 steps and guidance 5 by default, as diffusers runs it); the default is the embedded model in
+multimodal/assets/diffusion.
 --quant quantizes the text encoder's GLM and both denoisers. A suite folder loads through
 `multimodal.engine.Engine.load`, so a VLM written by `multimodal quantize` and --tp (under torchrun) work there; a
 lone pipeline folder names its own text encoder and runs on one process.
@@ -79,28 +81,40 @@ def load_pipeline(args: argparse.Namespace):
     """The relay pipeline of --checkpoint with --quant (and, for a suite folder, --tp) applied."""
     import torch
 
+    from diffusion.cogview4 import is_cogview4_folder, load_cogview4
     from diffusion.pipeline import load_relay_pipeline
     from multimodal.engine import Engine
 
     folder = pipeline_folder(args.checkpoint)
+    if is_cogview4_folder(folder):
+        if args.tp != 1:
+            raise ValueError("--tp is not supported for CogView4 folders; draw on one process.")
+        pipe = load_cogview4(folder, device=args.device, dtype=getattr(torch, args.dtype))
+        _quantize(args, (pipe.text_encoder.model, pipe.transformer))
+        return pipe
     suite = folder.parent
     if folder.name == "diffusion" and (suite / "vlm").is_dir():  # the text encoder is the suite's VLM
         return Engine.load(suite, args.quant, args.group_size, args.device, args.dtype, args.tp, args.exclude).painter
     if args.tp != 1:
         raise ValueError(f"--tp needs a suite folder (vlm/ beside diffusion/); {folder} is a lone pipeline folder.")
     pipe = load_relay_pipeline(folder, device=args.device, dtype=getattr(torch, args.dtype))
+    _quantize(args, (pipe.text_encoder.model, pipe.base, pipe.relay))
+    return pipe
+
+
+def _quantize(args: argparse.Namespace, models) -> None:
     if args.quant != "none":
         from multimodal.quantize import QuantSpec, quantize_model
 
         spec = QuantSpec(args.quant, args.group_size, tuple(args.exclude))
-        for model in (pipe.text_encoder.model, pipe.base, pipe.relay):
+        for model in models:
             quantize_model(model, spec)
-    return pipe
 
 
 def main(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from diffusion.cogview4 import LatentFlowPipeline
     from multimodal.tp import is_main_process
 
     if len(args.prompt) > 1 and args.grid is None:
@@ -116,17 +130,21 @@ def main(args: argparse.Namespace) -> int:
         trained = ", ".join(f"{w}x{h}" for h, w in pipe.sizes)
         print(f"warning: this model was trained to draw {trained}; at {width}x{height} expect a poor image.",
               file=sys.stderr)
-    up = pipe.config.up_scale
+    relay = not isinstance(pipe, LatentFlowPipeline)  # CogView4 draws in one stage
+    if not relay and (args.no_relay or args.relay_steps is not None):
+        raise ValueError("This CogView4 model has no relay stage; drop --no-relay and --relay-steps.")
+    up = pipe.config.up_scale if relay else 1
     if args.no_relay and (height % up or width % up):
         raise ValueError(f"With --no-relay the size must be a multiple of {up} (the base stage draws at 1/{up}).")
     # Without the relay stage the base stage still draws at its own scale (1/up_scale), as it was trained.
     draw_height, draw_width = (height // up, width // up) if args.no_relay else (height, width)
+    stages = {"relay_steps": args.relay_steps, "use_relay": not args.no_relay} if relay else {}
     if args.grid is not None:
-        return write_grid(pipe, args, draw_height, draw_width)
+        return write_grid(pipe, args, draw_height, draw_width, stages)
     result = pipe(
         args.prompt[0], negative_prompt=args.negative, height=draw_height, width=draw_width,
-        num_inference_steps=args.steps, relay_steps=args.relay_steps, guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images, seed=args.seed, use_relay=not args.no_relay,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+        seed=args.seed, **stages,
     )
     if not is_main_process():  # every rank drew the same images; one writes them
         return 0
@@ -147,7 +165,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_grid(pipe, args: argparse.Namespace, height: int, width: int) -> int:
+def write_grid(pipe, args: argparse.Namespace, height: int, width: int, stages: dict) -> int:
     from multimodal.sheet import contact_sheet, rendered_scene_for
     from multimodal.tp import is_main_process
 
@@ -155,8 +173,7 @@ def write_grid(pipe, args: argparse.Namespace, height: int, width: int) -> int:
     for prompt in args.prompt:
         result = pipe(
             prompt, negative_prompt=args.negative, height=height, width=width, num_inference_steps=args.steps,
-            relay_steps=args.relay_steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
-            seed=args.seed, use_relay=not args.no_relay,
+            guidance_scale=args.guidance, num_images_per_prompt=args.num_images, seed=args.seed, **stages,
         )  # fmt: skip
         rows.append((prompt, [rendered_scene_for(prompt), *result.images]))
     if not is_main_process():
