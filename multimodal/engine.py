@@ -127,7 +127,9 @@ class Engine:
         """An engine over already built parts, with the EmojiScenes prompts and scenes."""
         from multimodal.world import CAPTION_PROMPTS, GROUNDED_PROMPTS, make_scene, render
 
-        if getattr(getattr(chat_model, "processor", None), "template", "suite") == "suite":
+        template = getattr(chat_model, "template", None) or getattr(getattr(chat_model, "processor", None),
+                                                                    "template", "suite")
+        if template == "suite":
             caption, grounded = CAPTION_PROMPTS["en"], GROUNDED_PROMPTS["en"]
         else:  # real CogVLM-family checkpoints were trained with these
             from vlm.processor import GROUNDED_CAPTION_PROMPT
@@ -161,6 +163,13 @@ class Engine:
         if not folder.exists():
             raise EngineError(f"The checkpoint {folder} does not exist.")
         loading = _Loading(quant, group_size, tuple(exclude), device, DTYPES[dtype], tp)
+        if _model_type(folder) in ("glm4v", "glm46v"):
+            from vlm.glm4v_chat import Glm4vChat
+
+            if tp != 1:
+                raise EngineError("GLM-4.1V / 4.6V runs on one process; drop --tp.")
+            return cls.from_parts(Glm4vChat.load(folder, DTYPES[dtype], device, loading.spec), None,
+                                  folder.resolve().name)
         if _is_text_model(folder):
             from glm.chat import GLMChat
 
@@ -341,12 +350,18 @@ class Engine:
         return [turn for turn in turns if turn[0] != "system"] if self.sees_images else turns
 
 
+def _config_values(folder: Path) -> dict:
+    config = folder / "config.json"
+    return json.loads(config.read_text()) if config.exists() else {}
+
+
+def _model_type(folder: Path) -> str | None:
+    return _config_values(folder).get("model_type")
+
+
 def _is_text_model(folder: Path) -> bool:
     """A GLM text model's folder: our native GLM, ChatGLM3 / GLM-4 chat, or transformers' GlmForCausalLM."""
-    config = folder / "config.json"
-    if not config.exists():
-        return False
-    values = json.loads(config.read_text())
+    values = _config_values(folder)
     if values.get("kind") == "glm":
         return True
     return values.get("model_type") in ("chatglm", "glm") and "vision_config" not in values

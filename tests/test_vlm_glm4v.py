@@ -4,8 +4,10 @@ loading of a folder transformers saved; the config's sizes."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from multimodal.checkpoint import CheckpointError
 from vlm.glm4v import Glm4vConfig, Glm4vModel, convert_transformers_state, generate_glm4v, load_glm4v
@@ -91,3 +93,107 @@ def test_a_saved_transformers_folder_loads_strictly(reference, tmp_path):
         Glm4vConfig.from_transformers(values)
     with pytest.raises(CheckpointError, match="model_type"):
         Glm4vConfig.from_transformers({"model_type": "chatglm"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images, prompts and answers
+
+
+def test_images_become_the_patches_transformers_processor_makes():
+    from transformers.models.glm4v import Glm4vImageProcessorPil
+
+    from vlm.glm4v_chat import ImageSettings, image_patches
+
+    settings = ImageSettings(min_pixels=2 * 56 * 56, max_pixels=2 * 112 * 140)
+    reference = Glm4vImageProcessorPil(size={"shortest_edge": settings.min_pixels,
+                                             "longest_edge": settings.max_pixels})
+    generator = np.random.default_rng(5)
+    for size in [(30, 20), (300, 170), (97, 64)]:  # enlarged, shrunk, kept
+        image = Image.fromarray(generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        expected = reference(images=[image], return_tensors="pt")
+        pixels, grid = image_patches(image, settings)
+        assert grid.tolist() == expected["image_grid_thw"].tolist()
+        torch.testing.assert_close(pixels, expected["pixel_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_visible_answer_drops_the_thinking_and_rewrites_boxes():
+    from vlm.glm4v_chat import visible_answer
+
+    raw = ("<think>The dog is left.</think><answer>The dog <|begin_of_box|>[100,200,300,1000]<|end_of_box|> "
+           "sits.</answer>")
+    assert visible_answer(raw) == "The dog [[100,200,300,999]] sits."
+    assert visible_answer("<think>still thinking") == ""
+    assert visible_answer("The dog <|begin_of_box|>[100,2", final=False) == "The dog "
+    assert visible_answer("two <|begin_of_box|>[[1,2,3,4],[5,6,7,8]]<|end_of_box|>") == \
+        "two [[001,002,003,004];[005,006,007,008]]"
+
+
+@pytest.fixture(scope="module")
+def glm4v_folder(reference, tmp_path_factory):
+    """A transformers folder of the tiny model with a tokenizer (ids below the image tokens) and processor bounds."""
+    from glm.tokenizer import train_bpe
+
+    folder = tmp_path_factory.mktemp("glm4v") / "GLM-4.1V-tiny"
+    reference.save_pretrained(folder)
+    train_bpe(["What is in the image?", "a dog and a cat", "Where is the dog?"] * 5, vocab_size=280).save(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 2 * 56 * 56, "longest_edge": 2 * 112 * 112}, "patch_size": 14,
+         "temporal_patch_size": 2, "merge_size": 2}))
+    return folder
+
+
+def test_the_engine_answers_with_a_glm4v_folder_as_transformers_generates(reference, glm4v_folder):
+    from transformers.models.glm4v import Glm4vImageProcessorPil
+
+    from multimodal.engine import Engine, Sampling
+    from vlm.glm4v_chat import visible_answer
+
+    engine = Engine.load(glm4v_folder)
+    image = Image.fromarray(np.random.default_rng(6).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    answer = engine.chat(image, "What is in the image?", sampling=Sampling(max_new_tokens=10))
+
+    ids, _, grid = engine.chat_model.prompt(image, [("user", "What is in the image?")])
+    inputs = Glm4vImageProcessorPil(size={"shortest_edge": 2 * 56 * 56, "longest_edge": 2 * 112 * 112})(
+        images=[image], return_tensors="pt")
+    assert inputs["image_grid_thw"].tolist() == grid.tolist()
+    prompt = torch.tensor([ids])
+    assert int((prompt == IMAGE).sum()) == int(grid.prod()) // 4
+    tokens = reference.generate(input_ids=prompt, pixel_values=inputs["pixel_values"], image_grid_thw=grid,
+                                mm_token_type_ids=(prompt == IMAGE).int(), attention_mask=torch.ones_like(prompt),
+                                max_new_tokens=10, do_sample=False,
+                                eos_token_id=list(engine.chat_model.tokenizer.stop_tokens))[0, prompt.shape[1]:]
+    tokens = [t for t in tokens.tolist() if t not in engine.chat_model.tokenizer.stop_tokens]
+    expected = visible_answer(engine.chat_model.tokenizer.decode(tokens, skip_special_tokens=False))
+    assert answer == expected
+    assert engine.chat(image, "Where is the dog?", [("user", "What is in the image?"), ("assistant", answer)],
+                       Sampling(max_new_tokens=4)) is not None  # a follow-up turn runs on the same image
+
+
+@pytest.mark.parametrize("quant,group", [("int8", 64), ("int4", 32)])
+def test_quantized_glm4v_equals_float_with_the_dequantized_weights(glm4v_folder, quant, group):
+    """INT8 / INT4 through the engine: every Linear the scheme fits is quantized, and the logits equal those of the
+    float model given the dequantized weights (the reference kernels; the fused ones to bfloat16's rounding)."""
+    from kernels.int4 import dequantize_int4
+    from kernels.int8 import dequantize_int8
+    from multimodal.engine import Engine
+    from multimodal.quantize import set_backend
+
+    quantized = Engine.load(glm4v_folder, quant=quant, group_size=group).chat_model
+    dequantized = Engine.load(glm4v_folder).chat_model.model
+    replaced = 0
+    for name, module in quantized.model.named_modules():
+        if type(module).__name__.startswith("Int"):
+            state = module.state_dict()  # canonical layout, whatever the runtime layout
+            weight = (dequantize_int8(state["weight"], state["scales"]) if quant == "int8" else
+                      dequantize_int4(state["weight"], state["scales_and_zeros"], group))
+            dequantized.get_submodule(name).weight.data = weight
+            replaced += 1
+    assert replaced >= 4 * 2 + 2  # the language layers' projections at least, and the output
+    ids, pixels, grid = quantized.prompt(Image.new("RGB", (64, 64), "orange"), [("user", "a dog")])
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        expected = dequantized(prompt, pixels, grid)
+        torch.testing.assert_close(set_backend(quantized.model, "reference")(prompt, pixels, grid), expected,
+                                   rtol=1e-4, atol=1e-4)
+        fused = set_backend(quantized.model, "auto")(prompt, pixels, grid)
+        assert ((fused - expected).norm() / expected.norm()).item() < 2e-2
