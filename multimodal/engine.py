@@ -164,12 +164,10 @@ class Engine:
             raise EngineError(f"The checkpoint {folder} does not exist.")
         loading = _Loading(quant, group_size, tuple(exclude), device, DTYPES[dtype], tp)
         if _model_type(folder) in ("glm4v", "glm46v"):
-            from vlm.glm4v_chat import Glm4vChat
+            from vlm.glm4v_chat import Glm4vChat, ImageSettings
 
-            if tp != 1:
-                raise EngineError("GLM-4.1V / 4.6V runs on one process; drop --tp.")
-            return cls.from_parts(Glm4vChat.load(folder, DTYPES[dtype], device, loading.spec), None,
-                                  folder.resolve().name)
+            chat = Glm4vChat(loading.glm4v(folder), GLMTokenizer.load(folder), ImageSettings.from_folder(folder))
+            return cls.from_parts(chat, None, folder.resolve().name)
         if _is_text_model(folder):
             from glm.chat import GLMChat
 
@@ -437,6 +435,13 @@ class _Loading:
             return self._sharded(folder, lambda: build_glm(config, is_encoder_only("native", raw)))
         config, state, detected = read_glm_checkpoint(folder)  # a foreign format is converted in memory, then cut
         return self._sharded(state, lambda: build_glm(config, is_encoder_only(detected, raw)))
+
+    def glm4v(self, folder: Path):
+        """A GLM-4.1V / 4.6V transformers folder: converted in memory, then cut and quantized as any model."""
+        from vlm.glm4v import Glm4vModel, read_glm4v_checkpoint
+
+        config, state = read_glm4v_checkpoint(folder)
+        return self._sharded(state, lambda: Glm4vModel(config))
 
     def painter(self, folder: Path, text_encoder):
         """The relay pipeline of a pipeline folder (native DiTs in base/ and relay/) around `text_encoder`."""

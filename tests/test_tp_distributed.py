@@ -1,7 +1,8 @@
 """Tensor parallel on CPU with gloo: 4 spawned ranks run every check as two 2-rank groups and as one 4-rank group.
 
 Checked against the unsharded model: GLM logits (built in memory and loaded slice by slice from safetensors),
-greedy generation, the VLM with an image (encoding, expert prefill, cached decode), ViT, adapter, DiT, and INT8 /
+greedy generation, the VLM with an image (encoding, expert prefill, cached decode), GLM-4.1V with an image (3D
+positions, cached decode), ViT, adapter, DiT, and INT8 /
 INT4 shards against the TP=1 quantized twin. The tiny GLM has 2 KV groups, so 2 ranks split them and 4 ranks
 replicate them. Bound: fp32 TP results equal TP=1 within 1e-5 (only the all-reduce's summation order differs).
 """
@@ -55,7 +56,8 @@ def _values(metrics: dict[str, float], name: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("name", ["glm_logits", "glm_loaded_logits", "vit_features", "adapter_embeddings",
                                   "dit_prediction", "vlm_image_embeddings", "vlm_prefill_logits",
-                                  "vlm_decode_logits", "int4_vs_twin"])
+                                  "vlm_decode_logits", "glm4v_prefill_logits", "glm4v_decode_logits",
+                                  "int4_vs_twin"])
 def test_sharded_outputs_equal_unsharded(metrics, name):
     for key, value in _values(metrics, name).items():
         assert value <= 1e-5, f"{key} = {value:.3g}"

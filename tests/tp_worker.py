@@ -24,6 +24,7 @@ from multimodal import tp
 from multimodal.checkpoint import LazyCheckpoint
 from multimodal.quantize import QUANTIZED_LINEARS, QuantSpec, quantize_linear, quantize_model, set_backend
 from vlm.adapter import Adapter, AdapterConfig
+from vlm.glm4v import Glm4vConfig, Glm4vModel, TextConfig, VisionConfig
 from vlm.model import VISION, VisionLanguageModel, VLMConfig
 from vlm.processor import position_ids
 from vlm.vit import VisionTransformer, ViTConfig
@@ -124,6 +125,32 @@ def check_vlm(metrics: dict, rank: int, world: int, group) -> None:
 
 
 @torch.no_grad()
+def check_glm4v(metrics: dict, rank: int, world: int, group) -> None:
+    """GLM-4.1V: a prefill with an image (3D positions) into the cache, then one cached decode step."""
+    config = Glm4vConfig(
+        text=TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                        num_kv_heads=2, mrope_section=(2, 1, 1), max_position_embeddings=256),
+        vision=VisionConfig(depth=1, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64,
+                            image_size=56), image_token_id=290)
+    reference = randomize(Glm4vModel(config), 13).eval()
+    sharded = tp.shard_model(copy.deepcopy(reference), rank, world, group=group)
+    generator = torch.Generator().manual_seed(14)
+    pixels, grid = torch.randn(16, 3 * 2 * 14 * 14, generator=generator), torch.tensor([[1, 4, 4]])
+    ids = torch.cat([torch.randint(0, 280, (1, 2), generator=generator), torch.full((1, 4), 290),
+                     torch.randint(0, 280, (1, 3), generator=generator)], dim=1)
+    outputs = []
+    for model in (reference, sharded):
+        cache = model.allocate_cache(1, 32)
+        prefill = model(ids, pixels, grid, cache=cache)
+        next_position = int(model.positions(ids, grid).max()) + 1
+        decode = model(ids[:, -1:], positions=torch.full((3, 1, 1), next_position), cache=cache,
+                       cache_start=ids.shape[1])
+        outputs.append((prefill, decode))
+    metrics["glm4v_prefill_logits"] = max_diff(outputs[1][0], outputs[0][0])
+    metrics["glm4v_decode_logits"] = max_diff(outputs[1][1], outputs[0][1])
+
+
+@torch.no_grad()
 def check_quantized(metrics: dict, rank: int, world: int, group) -> None:
     """INT8 / INT4 shards against the same scheme applied to the unsharded model (its TP=1 twin)."""
     # 32 input features per shard of dense (4 heads x 32) and down (ffn 128) at 4 ranks: INT4 group size 32 fits.
@@ -151,6 +178,7 @@ def run_checks(rank: int, world: int, group, scratch: Path) -> dict[str, float]:
     check_dit(metrics, rank, world, group)
     check_glm(metrics, scratch / "glm.safetensors", rank, world, group)
     check_vlm(metrics, rank, world, group)
+    check_glm4v(metrics, rank, world, group)
     check_quantized(metrics, rank, world, group)
     return metrics
 

@@ -344,9 +344,9 @@ class Glm4vModel(nn.Module):
         return x.masked_scatter(slots[..., None], images)
 
     def allocate_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
-        text = self.config.text
-        return [KVCache(batch_size, text.num_kv_heads, max_len, text.head_dim, self.embed.weight.dtype, self.device)
-                for _ in self.layers]
+        """One static cache per layer, sized from each layer's (possibly tensor-parallel-local) KV groups."""
+        return [KVCache(batch_size, layer.attn.num_kv_groups, max_len, layer.attn.head_dim, self.embed.weight.dtype,
+                        self.device) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, *, input_embeds: torch.Tensor | None = None,
@@ -406,13 +406,19 @@ def convert_transformers_state(state) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_glm4v(folder: str | Path, dtype: torch.dtype | None = None, device="cpu") -> Glm4vModel:
-    """A transformers Glm4vForConditionalGeneration folder, loaded strictly."""
+def read_glm4v_checkpoint(folder: str | Path) -> tuple[Glm4vConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in our names) of a transformers Glm4vForConditionalGeneration folder."""
     folder = Path(folder)
     config = Glm4vConfig.from_transformers(json.loads((folder / "config.json").read_text()))
     state = convert_transformers_state(read_state_dict(folder))
     if config.tie_word_embeddings and "output.weight" not in state:
         state["output.weight"] = state["embed.weight"]
+    return config, state
+
+
+def load_glm4v(folder: str | Path, dtype: torch.dtype | None = None, device="cpu") -> Glm4vModel:
+    """A transformers Glm4vForConditionalGeneration folder, loaded strictly."""
+    config, state = read_glm4v_checkpoint(folder)
     model = build_on_meta(lambda: Glm4vModel(config))
     load_into(model, state, dtype=dtype)
     return model.to(device).eval()

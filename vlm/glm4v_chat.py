@@ -126,17 +126,11 @@ class Glm4vChat:
         self.thinking = thinking
 
     @classmethod
-    def load(cls, folder: str | Path, dtype: torch.dtype | None = None, device="cpu", quant=None) -> Glm4vChat:
-        """A transformers folder; `quant` (a `multimodal.quantize.QuantSpec`) quantizes its Linear layers."""
+    def load(cls, folder: str | Path, dtype: torch.dtype | None = None, device="cpu") -> Glm4vChat:
         from glm.tokenizer import GLMTokenizer
 
         folder = Path(folder)
-        model = load_glm4v(folder, dtype, device)
-        if quant is not None:
-            from multimodal.quantize import quantize_model
-
-            quantize_model(model, quant)
-        return cls(model, GLMTokenizer.load(folder), ImageSettings.from_folder(folder))
+        return cls(load_glm4v(folder, dtype, device), GLMTokenizer.load(folder), ImageSettings.from_folder(folder))
 
     def prompt(self, image: Image.Image | None, turns: Sequence[tuple[str, str]]
                ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
