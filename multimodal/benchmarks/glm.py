@@ -1,4 +1,5 @@
-"""`multimodal bench glm --vs transformers`: greedy decode speed of our GLM against transformers' GlmForCausalLM.
+"""`multimodal bench glm --vs transformers`: greedy decode speed of our GLM against transformers' GlmForCausalLM
+(`--vs llama.cpp`: against llama.cpp at batch 1, in `multimodal.benchmarks._llamacpp`).
 
 Both models hold the same random weights (transformers' model is built first; ours is imported from its state dict
 through the same key table as a real checkpoint). For each batch size both run a greedy generation of `--new-tokens`
@@ -26,7 +27,9 @@ if TYPE_CHECKING:  # imported when a benchmark runs, so `multimodal --help` stay
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("glm", help="GLM greedy decode tokens/s, ours vs transformers, on the same weights")
-    parser.add_argument("--vs", choices=["transformers"], default="transformers", help="the peer to compare with")
+    parser.add_argument("--vs", choices=["transformers", "llama.cpp"], default="transformers",
+                        help="the peer: transformers (batch sizes, float), or llama.cpp (batch 1, float / INT8 / "
+                             "INT4 against F32 / BF16 / Q8_0 / Q4_0; needs the bench extra)")
     parser.add_argument("--preset", default="bench-200m", help="model shape (a glm.model preset)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -88,6 +91,11 @@ def measure(runners: dict, batch: int, prompt_len: int, new_tokens: int, repeats
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.vs == "llama.cpp":
+        from multimodal.benchmarks._llamacpp import run_llama_cpp
+
+        return run_llama_cpp(args)
 
     from glm.convert import HF_TABLE
     from glm.generate import SamplingConfig, generate, pack_for_cpu
