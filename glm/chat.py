@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from glm.generate import SamplingConfig, generate, generate_tokens
+from glm.generate import SamplingConfig, TextDeltas, generate, generate_tokens
 from glm.model import GLMModel
 from glm.tools import ToolCall, tool_call_message, tool_names
 
@@ -121,19 +121,14 @@ class GLMChat:
     def _stream(self, prompt: list[int], header: str, sampling, usage) -> Iterator[str]:
         if header:
             yield header
-        tokens: list[int] = []
-        emitted = ""
+        deltas = TextDeltas(self.tokenizer.decode)
         for step in generate_tokens(self.model, [prompt], self._config(sampling)):
-            tokens.append(step[0])
-            text = self.tokenizer.decode(tokens)
-            if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = self.tokenizer.decode(tokens)  # a held-back incomplete character is flushed at the end
-        if text != emitted and text.startswith(emitted):
-            yield text[len(emitted) :]
+            if delta := deltas.push(step[0]):
+                yield delta
+        if delta := deltas.flush():
+            yield delta
         if usage is not None:
-            usage.record(len(prompt), tokens, len(tokens) < self._limit(len(prompt), sampling))
+            usage.record(len(prompt), deltas.tokens, len(deltas.tokens) < self._limit(len(prompt), sampling))
 
     def answer_batch(self, images: Sequence, turns_list: Sequence[Sequence[tuple]], sampling,
                      usages=None) -> list[str]:

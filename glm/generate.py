@@ -10,7 +10,7 @@ the exponential-race trick, so a row's text depends on its seed only, not on the
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,18 +211,35 @@ def generate(model: GLMModel, prompts: Sequence[Sequence[int]], config: Sampling
     return outputs
 
 
+class TextDeltas:
+    """Token ids in, text deltas out: the text grows by what `decode(ids so far)` adds, and a delta that ends inside an
+    incomplete UTF-8 character is held back until the character is complete (or the stream ends: `flush`)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], final_decode: Callable[[list[int]], str] | None = None):
+        self.decode, self.final_decode = decode, final_decode or decode
+        self.tokens: list[int] = []
+        self.emitted = ""
+
+    def _advance(self, text: str) -> str:
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            delta, self.emitted = text[len(self.emitted) :], text
+            return delta
+        return ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        return "" if text.endswith("\ufffd") else self._advance(text)
+
+    def flush(self) -> str:
+        return self._advance(self.final_decode(self.tokens))
+
+
 def stream_text(model: GLMModel, tokenizer, prompt: Sequence[int], config: SamplingConfig) -> Iterator[str]:
     """Yield text deltas for one prompt; a delta is held back while it ends inside an incomplete UTF-8 character."""
-    tokens: list[int] = []
-    emitted = ""
+    deltas = TextDeltas(tokenizer.decode)
     for step in generate_tokens(model, [prompt], config):
-        tokens.append(step[0])
-        text = tokenizer.decode(tokens)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    text = tokenizer.decode(tokens)
-    if text != emitted and text.startswith(emitted):
-        yield text[len(emitted) :]
+        if delta := deltas.push(step[0]):
+            yield delta
+    if delta := deltas.flush():
+        yield delta

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from glm.generate import SamplingConfig
+from glm.generate import SamplingConfig, TextDeltas
 from glm.tokenizer import GLMTokenizer
 from multimodal.image import ImageSource, load_image
 from vlm.convert import load_vlm
@@ -107,23 +107,18 @@ class VLMChat:
     def stream_pairs(self, image, embeds, question: str, history: Sequence[Turn], sampling=None,
                      usage: Usage | None = None) -> Iterator[str]:
         inputs = self.processor([question], None if image is None else [image], [history])
-        tokens: list[int] = []
-        emitted = ""
+        deltas = TextDeltas(self.tokenizer.decode)
         stopped = False
         for step in generate_tokens(self.model, inputs, self._config(sampling), embeds):
             if step[0] is None:
                 stopped = True
                 break
-            tokens.append(step[0])
-            text = self.tokenizer.decode(tokens)
-            if not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        text = self.tokenizer.decode(tokens)  # a held-back incomplete character is flushed at the end
+            if delta := deltas.push(step[0]):
+                yield delta
         if usage is not None:
-            usage.record(int(inputs.attention_mask[0].sum()), tokens, stopped)
-        if text != emitted and text.startswith(emitted):
-            yield text[len(emitted):]
+            usage.record(int(inputs.attention_mask[0].sum()), deltas.tokens, stopped)
+        if delta := deltas.flush():
+            yield delta
 
     def stream(self, image: Image.Image | None, turns: Sequence[RoleTurn], sampling=None,
                usage: Usage | None = None) -> Iterator[str]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from glm.generate import TextDeltas
 from multimodal.image import CLIP_MEAN, CLIP_STD
 from vlm.glm4v import Glm4vModel, generate_glm4v, load_glm4v
 
@@ -164,23 +165,24 @@ class Glm4vChat:
             raise ValueError("GLM-4.1V / 4.6V answers greedily here; send temperature 0.")
         ids, pixels, grid = self.prompt(image, turns)
         device = self.model.device
-        tokens, emitted = [], ""
+
+        def raw(tokens: list[int]) -> str:
+            return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+        def visible_so_far(tokens: list[int]) -> str:
+            text = raw(tokens)  # an unfinished character ends it in U+FFFD, which TextDeltas holds back
+            return text if text.endswith("\ufffd") else visible_answer(text, final=False)
+
+        deltas = TextDeltas(visible_so_far, lambda tokens: visible_answer(raw(tokens)))
         for token in generate_glm4v(self.model, torch.tensor([ids], device=device),
                                     None if pixels is None else pixels.to(device), grid,
                                     sampling.max_new_tokens, self.tokenizer.stop_tokens):
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
-            if text.endswith("\ufffd"):
-                continue
-            visible = visible_answer(text, final=False)
-            if visible.startswith(emitted) and len(visible) > len(emitted):
-                yield visible[len(emitted) :]
-                emitted = visible
-        visible = visible_answer(self.tokenizer.decode(tokens, skip_special_tokens=False))
-        if visible.startswith(emitted) and len(visible) > len(emitted):
-            yield visible[len(emitted) :]
+            if delta := deltas.push(token):
+                yield delta
+        if delta := deltas.flush():
+            yield delta
         if usage is not None:
-            usage.record(len(ids), tokens, len(tokens) < sampling.max_new_tokens)
+            usage.record(len(ids), deltas.tokens, len(deltas.tokens) < sampling.max_new_tokens)
 
     def answer_batch(self, images: Sequence, turns_list: Sequence[Sequence[tuple[str, str]]], sampling,
                      usages=None) -> list[str]:
