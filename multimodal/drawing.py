@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+from multimodal.language import Task
 from multimodal.world import (
     CLASSES,
     COLOURS,
@@ -24,11 +25,10 @@ from multimodal.world import (
     Background,
     Scene,
     SceneObject,
-    Task,
     WorldConfig,
     _compose,
-    _with_article_word,
-)  # fmt: skip
+    with_article,
+)
 
 # Classes that stay distinct in shape and colour at 32x32, with every wearer of a held-out composition.
 DRAWING_ANIMALS = ("dog", "cat", "rabbit", "fox", "bear", "panda", "tiger", "pig", "frog", "monkey", "unicorn", "cow")
@@ -88,7 +88,7 @@ def _en_entity(scene: Scene, index: int, verb: str, generic: bool) -> str:
     text = obj.cls.with_article()
     if obj.wearing is not None:
         worn = scene.objects[obj.wearing].cls
-        text += f" {verb} " + _with_article_word(worn.generic if generic else worn.name)
+        text += f" {verb} " + with_article(worn.generic if generic else worn.name)
     return text
 
 
@@ -135,7 +135,7 @@ def _phrasings(scene: Scene, lang: str, verb: str, generic: bool) -> list[str]:
 
 def with_background(prompt: str, colour: str, lang: str) -> str:
     if lang == "en":
-        return f"{prompt} on {_with_article_word(colour)} background"
+        return f"{prompt} on {with_article(colour)} background"
     return f"{prompt}，{COLOURS[colour][0]}背景"
 
 
@@ -174,7 +174,7 @@ def named_objects(scene: Scene, task: Task) -> list[tuple[str, ...]]:
     for obj in scene.objects:
         cls = obj.cls
         # "a cap" is not in "a graduation cap"; the Chinese names share no characters with the everyday "帽子"
-        exact = _with_article_word(cls.name) in task.prompt if task.lang == "en" else cls.zh in task.prompt
+        exact = with_article(cls.name) in task.prompt if task.lang == "en" else cls.zh in task.prompt
         if cls.category == "accessory" and not exact:
             named.append(tuple(a for a in DRAWING_ACCESSORIES if CLASSES[a].generic == cls.generic))
         else:
@@ -190,7 +190,7 @@ def held_out(scene: Scene, task: Task) -> bool:
 
 def prompt_warning(prompt: str) -> str | None:
     """A sentence for a prompt the embedded model cannot follow: one naming no object it draws, or one it does not."""
-    from multimodal.world import mentioned_classes
+    from multimodal.language import mentioned_classes
 
     lang = "zh" if any("\u4e00" <= char <= "\u9fff" for char in prompt) else "en"
     named = mentioned_classes(prompt, lang)

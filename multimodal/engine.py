@@ -125,7 +125,8 @@ class Engine:
     @classmethod
     def from_parts(cls, chat_model, painter, name: str) -> Engine:
         """An engine over already built parts, with the EmojiScenes prompts and scenes."""
-        from multimodal.world import CAPTION_PROMPTS, GROUNDED_PROMPTS, make_scene, render
+        from multimodal.language import CAPTION_PROMPTS, GROUNDED_PROMPTS
+        from multimodal.world import make_scene, render
 
         template = getattr(chat_model, "template", None) or getattr(getattr(chat_model, "processor", None),
                                                                     "template", "suite")

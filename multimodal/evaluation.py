@@ -2,7 +2,7 @@
 
 - ground: Acc@IoU0.5 of referring expressions ("Where is the dog?" -> `[[x0,y0,x1,y1]]`), as RefCOCO: the first
   box of the answer against the object's exact box.
-- caption: object-set F1 between the classes a caption names (`world.mentioned_classes`) and the scene's objects,
+- caption: object-set F1 between the classes a caption names (`language.mentioned_classes`) and the scene's objects,
   averaged over captions.
 - vqa: exact match of the normalised answer (case, surrounding spaces and a final full stop ignored).
 - chat: the vqa questions asked as the first turn and as a follow-up after "Describe the image." (the model's own
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from multimodal.world import WorldConfig, make_scene, mentioned_classes, render, scene_tasks, split_seeds
+from multimodal.language import mentioned_classes, scene_tasks
+from multimodal.world import WorldConfig, make_scene, render, split_seeds
 from vlm.grounding import parse_grounding
 
 BARS = {"ground": 0.90, "caption": 0.90, "vqa": 0.85, "draw": 0.80}
@@ -162,7 +163,7 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -
     """The vqa questions as the first turn, and again as the second turn after "Describe the image." (in the
     question's language) answered by the model itself. The value is the follow-up accuracy; the bar is the
     first-turn accuracy less `FOLLOW_UP_GAP`."""
-    from multimodal.world import CAPTION_PROMPTS
+    from multimodal.language import CAPTION_PROMPTS
 
     items = eval_tasks("vqa", count)
     first, follow = [], []

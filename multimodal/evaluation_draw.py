@@ -33,16 +33,8 @@ from multimodal.drawing import (
     pick_prompt,
 )
 from multimodal.evaluation import BARS, Answer, Result
-from multimodal.world import (
-    COLOURS,
-    DRAWING,
-    HELD_OUT_COMPOSITIONS,
-    Scene,
-    Task,
-    make_scene,
-    mentioned_classes,
-    split_seeds,
-)
+from multimodal.language import Task, mentioned_classes
+from multimodal.world import COLOURS, DRAWING, HELD_OUT_COMPOSITIONS, Scene, make_scene, split_seeds
 
 HELD_OUT_OFFSET = 50_000  # test seeds searched for held-out compositions start here, far from the main items
 R_PRECISION_CANDIDATES = 100
@@ -88,7 +80,7 @@ def judge_presence(judge, images, items: list[DrawItem]) -> list[bool]:
 def vlm_presence(answer: Answer, images, items: list[DrawItem], batch_size: int = 32) -> list[bool]:
     """Whether the VLM's English caption of each image names every object asked for."""
     from multimodal.evaluation import MAX_NEW_TOKENS
-    from multimodal.world import CAPTION_PROMPTS
+    from multimodal.language import CAPTION_PROMPTS
 
     present = []
     for start in range(0, len(items), batch_size):

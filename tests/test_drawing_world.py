@@ -18,7 +18,8 @@ from multimodal.drawing import (
     names_background,
     pick_prompt,
 )  # fmt: skip
-from multimodal.world import DRAWING, HELD_OUT_COMPOSITIONS, make_scene, render, scene_tasks, split_seeds
+from multimodal.language import scene_tasks
+from multimodal.world import DRAWING, HELD_OUT_COMPOSITIONS, make_scene, render, split_seeds
 
 
 @pytest.fixture(scope="module")

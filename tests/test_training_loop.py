@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from multimodal.assets import load_world_tokenizer
+from multimodal.language import scene_tasks
 from multimodal.training.loop import Run, Runtime, Schedule, TrainScenes, train
 from multimodal.training.tokenizer import GLM_SPECIAL_TOKENS
-from multimodal.world import SPLITS, make_scene, scene_tasks, split_seeds
+from multimodal.world import SPLITS, make_scene, split_seeds
 
 
 def test_batches_hold_only_train_seeds():

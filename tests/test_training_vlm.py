@@ -9,6 +9,7 @@ import torch
 
 from diffusion.text_encoder import GLMTextEncoder
 from multimodal.assets import load_world_tokenizer
+from multimodal.language import scene_tasks
 from multimodal.training.vlm import (
     GROWN_LAYERS,
     MIN_SPREAD,
@@ -28,7 +29,7 @@ from multimodal.training.vlm import (
     train_vlm,
     world_vlm_config,
 )
-from multimodal.world import CLASSES, make_scene, scene_tasks, split_seeds
+from multimodal.world import CLASSES, make_scene, split_seeds
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
@@ -176,7 +177,7 @@ def _grown_world_vlm(tokenizer, generator):
 
 def _refer_batch(model, tokenizer, generator):
     """Two refer tasks of different lengths (so one row is padded) on random images."""
-    from multimodal.world import scene_tasks
+    from multimodal.language import scene_tasks
 
     scenes = [make_scene(seed) for seed in split_seeds("train", 30)]
     picked = [(s, t) for s in scenes for t in scene_tasks(s) if t.kind == "refer"]
@@ -245,7 +246,7 @@ def test_lookup_loss_is_the_attention_on_the_target_cell_at_answer_positions(gen
 
 
 def test_lookup_cells_are_the_cells_of_what_the_question_names():
-    from multimodal.world import Task, scene_tasks
+    from multimodal.language import Task, scene_tasks
 
     scene = next(s for s in map(make_scene, split_seeds("train", 200)) if len({o.name for o in s.objects}) == 4
                  and len(s.objects) == 4)
@@ -268,7 +269,7 @@ def test_lookup_cells_are_the_cells_of_what_the_question_names():
 
 
 def test_query_loss_reads_the_class_asked_about_at_the_first_answer_prediction(generator):
-    from multimodal.world import Task
+    from multimodal.language import Task
 
     scene = next(s for s in map(make_scene, split_seeds("train", 50)) if len(s.entities) >= 2)
     present = scene.objects[0].cls

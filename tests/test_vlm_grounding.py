@@ -90,7 +90,8 @@ def test_a_stray_separator_does_not_drop_a_valid_box():
 
 
 def test_each_phrase_is_the_noun_phrase_its_box_belongs_to():
-    from multimodal.world import make_scene, scene_tasks, split_seeds
+    from multimodal.language import scene_tasks
+    from multimodal.world import make_scene, split_seeds
 
     for seed in split_seeds("val", 40):
         scene = make_scene(seed)

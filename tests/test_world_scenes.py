@@ -8,6 +8,7 @@ import emoji
 import numpy as np
 import pytest
 
+from multimodal.language import mentioned_classes, scene_tasks
 from multimodal.world import (
     HELD_OUT_COMPOSITIONS,
     SPLITS,
@@ -15,11 +16,9 @@ from multimodal.world import (
     WorldConfig,
     glyph,
     make_scene,
-    mentioned_classes,
     render,
     render_background,
     render_object,
-    scene_tasks,
     split_of,
     split_seeds,
 )
@@ -175,7 +174,8 @@ def test_scene_command_prints_tasks_and_writes_the_image(tmp_path, capsys):
     ("umbrella", "umbrellas", "an umbrella"), ("ice cream", "ice creams", "an ice cream"),
 ])
 def test_english_plurals_and_articles(name, plural, with_article):
-    from multimodal.world import CLASSES, mentioned_classes
+    from multimodal.language import mentioned_classes
+    from multimodal.world import CLASSES
 
     assert CLASSES[name].plural == plural and CLASSES[name].with_article() == with_article
     assert name in mentioned_classes(f"How many {plural} are there?", "en")

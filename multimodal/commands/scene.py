@@ -18,7 +18,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from multimodal.image import draw_boxes
-    from multimodal.world import WorldConfig, make_scene, render, scene_tasks, split_of
+    from multimodal.language import scene_tasks
+    from multimodal.world import WorldConfig, make_scene, render, split_of
 
     scene = make_scene(args.seed, WorldConfig(size=args.size, max_entities=args.max_entities))
     try:

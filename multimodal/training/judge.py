@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from glm.tokenizer import GLMTokenizer
 from multimodal.drawing import DRAWING_CLASSES, pick_prompt
 from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, text_batch
+from multimodal.language import scene_tasks
 from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, ValidationScenes, train
-from multimodal.world import CLASSES, DRAWING, make_scene, scene_tasks, split_seeds
+from multimodal.world import CLASSES, DRAWING, make_scene, split_seeds
 
 
 def judge_text(scene, rng: random.Random) -> str:

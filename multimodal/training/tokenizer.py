@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from multimodal.world import WorldConfig, make_scene, scene_tasks, split_seeds
+from multimodal.language import scene_tasks
+from multimodal.world import WorldConfig, make_scene, split_seeds
 
 # GLM-4's specials, in GLM-4's order (after `<|endoftext|>`, which doubles as padding here).
 GLM_SPECIAL_TOKENS = (

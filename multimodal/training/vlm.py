@@ -37,8 +37,9 @@ from torch import nn
 
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
+from multimodal.language import Task, mentioned_classes, scene_tasks
 from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, train
-from multimodal.world import CLASSES, COLOURS, DRAWING, Scene, Task, mentioned_classes, scene_tasks
+from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel, VLMConfig, route_experts
