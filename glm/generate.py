@@ -20,11 +20,12 @@ from glm.model import GLMModel, KVCache
 
 
 class PackedLinear(nn.Module):
-    """Inference-only CPU linear whose float32 weight is reordered once into oneDNN's blocked layout.
+    """Inference-only CPU linear whose float32 or bfloat16 weight is reordered once into oneDNN's blocked layout.
 
     MKL's sgemm (PyTorch's default CPU path for float32 `F.linear`) is slow on some CPUs (AMD, batch > 1); oneDNN
     with a prepacked weight is several times faster there for prefill and batched decode, and equal at batch 1.
-    Results differ from `F.linear` only by float32 summation order.
+    For bfloat16 the default path reads the weights of a batch-1 decode at about 9 GB/s on this Zen 5 core, the
+    prepacked one at about 15. Results differ from `F.linear` only by summation order.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -38,7 +39,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Swap every float32 CPU `nn.Linear` for a `PackedLinear` (in place; inference only, not saveable).
+    """Swap every float32 or bfloat16 CPU `nn.Linear` for a `PackedLinear` (in place; inference only, not saveable).
 
     Does nothing where oneDNN is unavailable; apply it after quantization or TP passes, never before.
     """
@@ -46,7 +47,8 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32 and child.weight.is_cpu:
+            if (isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16)
+                    and child.weight.is_cpu):
                 setattr(module, name, PackedLinear(child))
     return model
 

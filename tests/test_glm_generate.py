@@ -174,6 +174,14 @@ def test_packed_cpu_linears_match_plain_model():
         torch.testing.assert_close(packed(ids), model(ids), atol=1e-4, rtol=1e-5)
     config = SamplingConfig(max_new_tokens=12)
     assert generate(packed, prompts, config) == generate(model, prompts, config)
+    # bfloat16 weights pack too: the same logits to bfloat16's rounding of the output
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    packed_bf16 = pack_for_cpu(copy.deepcopy(bf16))
+    assert sum(isinstance(m, PackedLinear) for m in packed_bf16.modules()) == 4 * 2 + 1
+    with torch.no_grad():
+        expected = bf16(ids).float()
+        error = (packed_bf16(ids).float() - expected).norm() / expected.norm()
+    assert error < 1e-2
 
 
 def test_bench_glm_runs_and_prints_ratios(capsys):

@@ -7,8 +7,9 @@ quantizer makes Q8_0 and Q4_0 from the float file (`pure`: every matrix, the out
 table included, in the named type). llama.cpp runs through `llama-cpp-python`'s low-level API (built from PyPI: the
 optional `bench` extra), so no sampling code of its Python wrapper is timed: greedy is an argmax over the logits.
 
-Rows (ours, llama.cpp): float32 / F32, bfloat16 / BF16, INT8 / Q8_0, INT4 g32 / Q4_0 (llama.cpp's blocks are 32
-weights). Decode tokens/s is (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of
+Rows (ours, llama.cpp): float32 / F32, bfloat16 / BF16 (ours with its linears prepacked for oneDNN,
+`glm.generate.pack_for_cpu`), INT8 / Q8_0, INT4 g32 / Q4_0 (llama.cpp's blocks are 32 weights). Decode tokens/s is
+(new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of
 `--repeats`, the stacks taking turns (`--clock cpu`: the process's CPU time, which counts llama.cpp's threads too);
 % floor is read/token x tokens/s against the read bandwidth the same run
 measures. The greedy tokens of the two stacks are compared where the arithmetic is the same (F32).
@@ -195,7 +196,7 @@ def run_llama_cpp(args) -> int:
 
     import torch
 
-    from glm.generate import SamplingConfig, generate
+    from glm.generate import SamplingConfig, generate, pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
     from multimodal.benchmarks.quant import weight_bytes
@@ -211,9 +212,12 @@ def run_llama_cpp(args) -> int:
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     bf16_model = copy.deepcopy(float_model).to(torch.bfloat16)
-    ours = {"float32": float_model, "bfloat16": bf16_model,
+    ours = {"float32": copy.deepcopy(float_model), "bfloat16": copy.deepcopy(bf16_model),
             "int8": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int8")),
             "int4 g32": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int4", 32))}
+    read = {name: weight_bytes(model)[1] for name, model in ours.items()}  # packed weights leave the state dict
+    if args.device == "cpu":  # our float path on the CPU
+        ours["float32"], ours["bfloat16"] = pack_for_cpu(ours["float32"]), pack_for_cpu(ours["bfloat16"])
     header = (f"{'ours':<9} | {'read MB':>7} | {'tok/s':>7} | {'% floor':>7} | {'llama.cpp':<9} | {'read MB':>7} | "
               f"{'tok/s':>7} | {'% floor':>7} | {'ours / llama.cpp':>16} | greedy tokens equal")
     rows = [header, "-" * len(header)]
@@ -230,7 +234,7 @@ def run_llama_cpp(args) -> int:
             speeds, tokens = _decode_speeds(runners, args.new_tokens, args.repeats,
                                             time.process_time if args.clock == "cpu" else time.perf_counter)
             peer.close()
-            read_ours, read_theirs = weight_bytes(model)[1], read_bytes_per_token(files[their_name])
+            read_ours, read_theirs = read[our_name], read_bytes_per_token(files[their_name])
             _, ours_floor = floor_columns(read_ours, speeds["ours"], bandwidth)
             _, their_floor = floor_columns(read_theirs, speeds["llama.cpp"], bandwidth)
             same = sum(a == b for a, b in zip(tokens["ours"], tokens["llama.cpp"]))

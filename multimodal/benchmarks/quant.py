@@ -1,8 +1,9 @@
 """`multimodal bench quant`: weight bytes and greedy decode tokens/s of one GLM in float, INT8 and INT4, in one run.
 
-All three variants are the same random-weight model: the float one in `--dtype`, the others quantized from it with
-the output layer included (unless `--exclude` says otherwise) and run with `--dtype` activations on the default
-kernel path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per variant:
+All three variants are the same random-weight model: the float one in `--dtype` (on the CPU with its linears
+prepacked for oneDNN, `glm.generate.pack_for_cpu`, our float path there), the others quantized from it with the
+output layer included (unless `--exclude` says otherwise) and run with `--dtype` activations on the default kernel
+path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per variant:
 - weights MB: every tensor of the state dict;
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
@@ -81,6 +82,7 @@ def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from glm.generate import pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
     from multimodal.quantize import QuantSpec, quantize_model
@@ -110,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
     rows = [header, "-" * len(header)]
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
+    sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
+    if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
+        models["float"] = pack_for_cpu(copy.deepcopy(float_model))
     speeds = decode_tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
         reference_logits = float_model(prompts.to(args.device)).float()
         for name, model in models.items():
-            stored, read = weight_bytes(model)
+            stored, read = sizes[name]
             logits = model(prompts.to(args.device)).float()
             error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
             if name == "float":
