@@ -164,12 +164,13 @@ class Engine:
         if not folder.exists():
             raise EngineError(f"The checkpoint {folder} does not exist.")
         loading = _Loading(quant, group_size, tuple(exclude), device, DTYPES[dtype], tp)
-        if _model_type(folder) in ("glm4v", "glm46v"):
+        family = _chat_only_family(folder)
+        if family == "glm4v":
             from vlm.glm4v_chat import Glm4vChat, ImageSettings
 
             chat = Glm4vChat(loading.glm4v(folder), GLMTokenizer.load(folder), ImageSettings.from_folder(folder))
             return cls.from_parts(chat, None, folder.resolve().name)
-        if _is_text_model(folder):
+        if family == "glm":
             from glm.chat import GLMChat
 
             return cls.from_parts(GLMChat(loading.glm(folder), GLMTokenizer.load(folder)), None,
@@ -349,21 +350,16 @@ class Engine:
         return [turn for turn in turns if turn[0] != "system"] if self.sees_images else turns
 
 
-def _config_values(folder: Path) -> dict:
+def _chat_only_family(folder: Path) -> str | None:
+    """"glm4v" for a GLM-4.1V / 4.6V transformers folder; "glm" for a GLM text model's (our native GLM, ChatGLM3 /
+    GLM-4 chat, transformers' GlmForCausalLM); None for anything else (a suite or VLM folder)."""
     config = folder / "config.json"
-    return json.loads(config.read_text()) if config.exists() else {}
-
-
-def _model_type(folder: Path) -> str | None:
-    return _config_values(folder).get("model_type")
-
-
-def _is_text_model(folder: Path) -> bool:
-    """A GLM text model's folder: our native GLM, ChatGLM3 / GLM-4 chat, or transformers' GlmForCausalLM."""
-    values = _config_values(folder)
-    if values.get("kind") == "glm":
-        return True
-    return values.get("model_type") in ("chatglm", "glm") and "vision_config" not in values
+    values = json.loads(config.read_text()) if config.exists() else {}
+    if values.get("model_type") in ("glm4v", "glm46v"):
+        return "glm4v"
+    text = values.get("kind") == "glm" or (values.get("model_type") in ("chatglm", "glm")
+                                             and "vision_config" not in values)
+    return "glm" if text else None
 
 
 class _Loading:

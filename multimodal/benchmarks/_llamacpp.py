@@ -93,11 +93,25 @@ def write_gguf(model: GLMModel, path: str | Path, dtype: str = "f32") -> Path:
     return Path(path)
 
 
+def _llama_cpp():
+    """The llama_cpp module with its logging silenced (it writes every load to stderr otherwise)."""
+    global _QUIET
+    try:
+        import llama_cpp
+    except ImportError:
+        raise _missing_extra() from None
+    if _QUIET is None:  # a C callback must outlive every call that may use it: kept for the process
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+_QUIET = None
+
+
 def quantize_gguf(source: Path, target: Path, kind: str, threads: int) -> Path:
     """llama.cpp's quantizer: every matrix in Q8_0 or Q4_0 (`pure`)."""
-    import llama_cpp
-
-    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
     params.nthread = threads
@@ -107,28 +121,11 @@ def quantize_gguf(source: Path, target: Path, kind: str, threads: int) -> Path:
     return target
 
 
-def _ignore_log(level, text, user_data) -> None:
-    pass
-
-
-try:  # a C callback must outlive every call that may use it
-    import llama_cpp as _llama_cpp
-
-    _QUIET = _llama_cpp.llama_log_callback(_ignore_log)
-except ImportError:
-    _QUIET = None
-
-
 class LlamaCpp:
     """One model and context of llama.cpp (batch 1), driven token by token through the C API."""
 
     def __init__(self, path: Path, threads: int, context: int):
-        try:
-            import llama_cpp
-        except ImportError:
-            raise _missing_extra() from None
-        self.api = llama_cpp
-        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))  # llama.cpp logs every load to stderr otherwise
+        self.api = llama_cpp = _llama_cpp()
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
@@ -171,26 +168,6 @@ def read_bytes_per_token(path: Path) -> int:
     return total - int(embedding.n_bytes) + int(embedding.n_bytes) // int(embedding.shape[-1])
 
 
-def _decode_speeds(runners: dict, new_tokens: int, repeats: int, clock=time.perf_counter
-                   ) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """Best-of-`repeats` decode tokens/s of each runner (taking turns) and the tokens of its last full run."""
-    for run in runners.values():
-        run(2)  # warm-up: allocators, thread pools
-    best = {name: (float("inf"), float("inf")) for name in runners}
-    tokens = {}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = clock()
-            run(1)
-            first = clock() - start
-            start = clock()
-            tokens[name] = run(new_tokens)
-            full = clock() - start
-            best[name] = (min(best[name][0], first), min(best[name][1], full))
-    speeds = {name: (new_tokens - 1) / max(full - first, 1e-9) for name, (first, full) in best.items()}
-    return speeds, tokens
-
-
 def run_llama_cpp(args) -> int:
     import copy
 
@@ -199,6 +176,7 @@ def run_llama_cpp(args) -> int:
     from glm.generate import SamplingConfig, generate, pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
+    from multimodal.benchmarks.glm import measure
     from multimodal.benchmarks.quant import weight_bytes
     from multimodal.quantize import QuantSpec, quantize_model
 
@@ -212,9 +190,9 @@ def run_llama_cpp(args) -> int:
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     bf16_model = copy.deepcopy(float_model).to(torch.bfloat16)
-    ours = {"float32": copy.deepcopy(float_model), "bfloat16": copy.deepcopy(bf16_model),
+    ours = {"float32": copy.deepcopy(float_model),  # the original is written to GGUF below
             "int8": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int8")),
-            "int4 g32": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int4", 32))}
+            "int4 g32": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int4", 32)), "bfloat16": bf16_model}
     read = {name: weight_bytes(model)[1] for name, model in ours.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # our float path on the CPU
         ours["float32"], ours["bfloat16"] = pack_for_cpu(ours["float32"]), pack_for_cpu(ours["bfloat16"])
@@ -231,9 +209,13 @@ def run_llama_cpp(args) -> int:
             model, peer = ours[our_name], LlamaCpp(files[their_name], args.threads, args.prompt_len + args.new_tokens)
             runners = {"ours": lambda n, m=model: generate(m, [prompt], SamplingConfig(max_new_tokens=n))[0],
                        "llama.cpp": lambda n, p=peer: p.generate(prompt, n)}
-            speeds, tokens = _decode_speeds(runners, args.new_tokens, args.repeats,
-                                            time.process_time if args.clock == "cpu" else time.perf_counter)
+            for run in runners.values():
+                run(2)  # warm-up: allocators, thread pools
+            results = measure(runners, 1, args.prompt_len, args.new_tokens, args.repeats,
+                              time.process_time if args.clock == "cpu" else time.perf_counter)
             peer.close()
+            speeds = {name: result["decode"] for name, result in results.items()}
+            tokens = {name: result["tokens"] for name, result in results.items()}
             read_ours, read_theirs = read[our_name], read_bytes_per_token(files[their_name])
             _, ours_floor = floor_columns(read_ours, speeds["ours"], bandwidth)
             _, their_floor = floor_columns(read_theirs, speeds["llama.cpp"], bandwidth)
