@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from multimodal.world import (
     CLASSES,
@@ -22,6 +22,7 @@ from multimodal.world import (
     Scene,
     with_article,
 )
+from multimodal.phrasing import canonical, phrase, phrasing_split
 from vlm.grounding import format_boxes
 
 
@@ -31,12 +32,30 @@ class Task:
     lang: str  # en | zh
     prompt: str
     answer: str  # for draw tasks: "" (the scene's image is the answer)
-    target: int | None = None  # refer: the object the expression points at
+    target: int | None = None  # refer: the object the expression points at (None: the scene has none)
     topic: str = ""  # vqa: count | presence | background | neighbour | wearing | size
+    form: str = ""  # the question's form in `multimodal.phrasing.PHRASINGS` ("" for draw prompts)
+    slots: tuple[tuple[str, str], ...] = ()  # what fills the form's phrasings
+
+    @property
+    def split(self) -> str:
+        """Which phrasing split the prompt's wording comes from: "train" or "held-out"."""
+        return phrasing_split(self.form, self.lang, self.prompt, dict(self.slots))
 
 
-CAPTION_PROMPTS = {"en": "Describe the image.", "zh": "描述这张图片。"}
-GROUNDED_PROMPTS = {"en": "Describe the image with boxes.", "zh": "描述这张图片并标出位置。"}
+def asked(kind: str, lang: str, form: str, answer: str, target: int | None = None, topic: str = "",
+          **slots: str) -> Task:
+    """A task worded in its form's canonical phrasing."""
+    return Task(kind, lang, canonical(form, lang, **slots), answer, target, topic, form, tuple(sorted(slots.items())))
+
+
+def rephrase(task: Task, rng: random.Random, split: str = "train") -> Task:
+    """The same task worded in a phrasing of `split`, picked by `rng`."""
+    return replace(task, prompt=phrase(task.form, task.lang, dict(task.slots), rng, split))
+
+
+CAPTION_PROMPTS = {lang: canonical("caption", lang) for lang in ("en", "zh")}
+GROUNDED_PROMPTS = {lang: canonical("grounded_caption", lang) for lang in ("en", "zh")}
 
 
 def _en_entity(scene: Scene, index: int, boxes: bool = False, verb: str = "wearing", generic: bool = False) -> str:
@@ -128,48 +147,116 @@ _DIRECTION_ZH = {"left": "左边", "right": "右边", "above": "上面", "below"
 
 def vqa(scene: Scene, rng: random.Random) -> list[Task]:
     """Questions with one-word or one-number answers: counts, neighbours, background colour, what an animal wears,
-    sizes and presence. `rng` picks the absent classes asked about."""
+    sizes and presence (as many yes as no). `rng` picks the absent classes asked about."""
     tasks: list[Task] = []
 
-    def ask(topic, en_q, en_a, zh_q, zh_a):
-        tasks.append(Task("vqa", "en", en_q, en_a, topic=topic))
-        tasks.append(Task("vqa", "zh", zh_q, zh_a, topic=topic))
+    def ask(topic, en_answer, zh_answer, en_slots, zh_slots):
+        tasks.append(asked("vqa", "en", topic, en_answer, topic=topic, **en_slots))
+        tasks.append(asked("vqa", "zh", topic, zh_answer, topic=topic, **zh_slots))
 
     present = sorted({scene.objects[i].name for i in scene.entities})
     absent = sorted(c.name for c in STANDALONE if scene.count(c.name) == 0)
     for name in present + rng.sample(absent, 1):
-        cls = CLASSES[name]
-        n = scene.count(name)
-        ask("count", f"How many {cls.plural} are there?", str(n), f"图中有几{cls.measure}{cls.zh}？", str(n))
+        n = str(scene.count(name))
+        ask("count", n, n, *_count_slots(CLASSES[name]))
     for name in present[:1] + rng.sample(absent, 1):
         cls = CLASSES[name]
         yes = scene.count(name) > 0
-        ask("presence", f"Is there {cls.with_article()}?", "yes" if yes else "no",
-            f"图中有{cls.zh}吗？", "有" if yes else "没有")
+        ask("presence", "yes" if yes else "no", "有" if yes else "没有",
+            {"a_thing": cls.with_article()}, {"name": cls.zh})
     colour = scene.background.colour
-    ask("background", "What colour is the background?", colour, "背景是什么颜色？", COLOURS[colour][0])
+    ask("background", colour, COLOURS[colour][0], {}, {})
     for a, direction, b in _neighbours(scene):
         subject = scene.objects[a]
         if scene.count(subject.name) != 1:
             continue
         other = scene.objects[b].cls
-        ask(
-            "neighbour", f"What is {_DIRECTION_EN[direction]} the {subject.name}?", other.name,
-            f"{subject.cls.zh}的{_DIRECTION_ZH[direction]}是什么？", other.zh,
-        )  # fmt: skip
+        ask("neighbour", other.name, other.zh, {"relation": _DIRECTION_EN[direction], "name": subject.name},
+            {"name": subject.cls.zh, "direction": _DIRECTION_ZH[direction]})
     for i in scene.entities:
         obj = scene.objects[i]
         if scene.count(obj.name) != 1:
             continue
         if obj.cls.wearer:
-            worn = scene.objects[obj.wearing].cls if obj.wearing is not None else None
-            ask(
-                "wearing", f"What is the {obj.name} wearing?", worn.name if worn else "nothing",
-                f"{obj.cls.zh}戴着什么？", worn.zh if worn else "没有",
-            )  # fmt: skip
-        size_zh = "大" if obj.size == "big" else "小"
-        ask("size", f"Is the {obj.name} big or small?", obj.size, f"{obj.cls.zh}是大还是小？", size_zh)
+            ask("wearing", *_worn(scene, i), {"name": obj.name}, {"name": obj.cls.zh})
+        ask("size", obj.size, _SIZE_ZH[obj.size], {"name": obj.name}, {"name": obj.cls.zh})
     return tasks
+
+
+_SIZE_ZH = {"big": "大", "small": "小"}
+
+
+def _count_slots(cls) -> tuple[dict[str, str], dict[str, str]]:
+    return {"plural": cls.plural}, {"name": cls.zh, "measure": cls.measure}
+
+
+def _worn(scene: Scene, index: int) -> tuple[str, str]:
+    """What the animal `index` wears, in English and Chinese ("nothing" / 没有)."""
+    wearing = scene.objects[index].wearing
+    worn = scene.objects[wearing].cls if wearing is not None else None
+    return (worn.name, worn.zh) if worn else ("nothing", "没有")
+
+
+def absent_answer(name: str, lang: str) -> str:
+    """What a question about a class the scene lacks is answered: "There is no cat in the image." / "图中没有猫。"."""
+    if lang == "zh":
+        return f"图中没有{CLASSES[name].zh}。"
+    return f"There {'are' if name in PLURAL_ONLY else 'is'} no {name} in the image."
+
+
+def _refer(scene: Scene, index: int | None, lang: str, name: str = "") -> Task:
+    """"Where is the dog on the left?" -> its box; for `index` None, about the class `name` the scene lacks."""
+    if index is None:
+        thing, answer = (f"the {name}" if lang == "en" else CLASSES[name].zh), absent_answer(name, lang)
+    else:
+        name = scene.objects[index].name
+        thing, answer = referring_expression(scene, index, lang), format_boxes([scene.box_per_mille(index)])
+    slots = {"thing": thing, "be": "are" if name in PLURAL_ONLY else "is"} if lang == "en" else {"thing": thing}
+    return asked("refer", lang, "refer", answer, index, **slots)
+
+
+def follow_ups(scene: Scene, lang: str, rng: random.Random) -> list[tuple[Task, Task]]:
+    """(question, follow-up) pairs whose follow-up refers back to the question: "How many dogs are there?" -> "And
+    how many cats?"; "Is there a cat?" -> "Where is it?"; "Where is the dog?" -> "What is it wearing?" / "Is it big
+    or small?". Each follow-up is a task of its own (its answer needs the question before it)."""
+    pairs = []
+    by_form = {}
+    for task in vqa(scene, rng):
+        if task.lang == lang:
+            by_form.setdefault(task.form, []).append(task)
+    counts = by_form["count"]
+    for first, second in zip(counts, counts[1:] + counts[:1]):
+        if first is not second:
+            name = _class_of(second)
+            en, zh = _count_slots(CLASSES[name])
+            pairs.append((first, asked("vqa", lang, "count_again", second.answer, topic="count",
+                                       **(en if lang == "en" else zh))))
+    for question in by_form["presence"]:
+        name = _class_of(question)
+        holders = [i for i in scene.entities if scene.objects[i].name == name]
+        if len(holders) > 1:
+            continue  # "Where is it?" has no one answer
+        target = holders[0] if holders else None
+        answer = format_boxes([scene.box_per_mille(target)]) if holders else absent_answer(name, lang)
+        slots = {"pronoun": "it", "be": "is"} if lang == "en" else {"pronoun": "它"}
+        pairs.append((question, asked("refer", lang, "where_it", answer, target, **slots)))
+    for i in scene.entities:
+        obj = scene.objects[i]
+        if scene.count(obj.name) != 1:
+            continue
+        where = _refer(scene, i, lang)
+        if obj.cls.wearer:
+            en, zh = _worn(scene, i)
+            pairs.append((where, asked("vqa", lang, "it_wearing", en if lang == "en" else zh, topic="wearing")))
+        size = obj.size if lang == "en" else _SIZE_ZH[obj.size]
+        pairs.append((where, asked("vqa", lang, "it_size", size, topic="size")))
+    return pairs
+
+
+def _class_of(task: Task) -> str:
+    """The one class a count or presence question names."""
+    (name,) = mentioned_classes(task.prompt, task.lang)
+    return name
 
 
 def draw_prompts(scene: Scene) -> list[Task]:
@@ -187,14 +274,15 @@ def scene_tasks(scene: Scene) -> list[Task]:
     """Every task of a scene, in both languages. The rng for the VQA distractors is seeded from the scene."""
     tasks = []
     for lang in ("en", "zh"):
-        tasks.append(Task("caption", lang, CAPTION_PROMPTS[lang], describe(scene, lang)))
-        tasks.append(Task("grounded_caption", lang, GROUNDED_PROMPTS[lang], describe(scene, lang, boxes=True)))
-    for index in range(len(scene.objects)):
-        box = format_boxes([scene.box_per_mille(index)])
-        verb = "are" if scene.objects[index].name in PLURAL_ONLY else "is"  # "Where are the sunglasses?"
-        tasks.append(Task("refer", "en", f"Where {verb} {referring_expression(scene, index, 'en')}?", box, index))
-        tasks.append(Task("refer", "zh", f"{referring_expression(scene, index, 'zh')}在哪里？", box, index))
-    tasks.extend(vqa(scene, random.Random(scene.seed * 7919 + 1)))
+        tasks.append(asked("caption", lang, "caption", describe(scene, lang)))
+        tasks.append(asked("grounded_caption", lang, "grounded_caption", describe(scene, lang, boxes=True)))
+    rng = random.Random(scene.seed * 7919 + 1)
+    for lang in ("en", "zh"):
+        tasks.extend(_refer(scene, index, lang) for index in range(len(scene.objects)))
+    absent = sorted(c.name for c in VOCABULARY if scene.count(c.name) == 0)
+    missing = rng.choice(absent)  # "Where is the cat?" in a scene without one
+    tasks.extend(_refer(scene, None, lang, missing) for lang in ("en", "zh"))
+    tasks.extend(vqa(scene, rng))
     if scene.drawing:
         from multimodal.drawing import drawing_prompts
 

@@ -180,8 +180,9 @@ def _refer_batch(model, tokenizer, generator):
     from multimodal.language import scene_tasks
 
     scenes = [make_scene(seed) for seed in split_seeds("train", 30)]
-    picked = [(s, t) for s in scenes for t in scene_tasks(s) if t.kind == "refer"]
-    picked = [picked[0], next(p for p in picked if len(p[1].prompt) != len(picked[0][1].prompt))]
+    picked = [(s, t) for s in scenes for t in scene_tasks(s) if t.kind == "refer" and t.target is not None]
+    tokens = len(tokenizer.encode(picked[0][1].prompt))
+    picked = [picked[0], next(p for p in picked if len(tokenizer.encode(p[1].prompt)) != tokens)]
     processor = Processor(tokenizer, model.vlm_config, pad_id=tokenizer.pad_id)
     rows, lengths = answer_rows(processor, tokenizer, [t for _, t in picked], with_image=True)
     pixels = torch.randn(len(rows), 3, 64, 64, generator=generator)
@@ -259,6 +260,8 @@ def test_lookup_cells_are_the_cells_of_what_the_question_names():
             assert lookup_cells(scene, Task("vqa", lang, question, ""), 4) == [cell]
     absent = next(c for c in CLASSES.values() if scene.count(c.name) == 0)
     assert lookup_cells(scene, Task("vqa", "en", f"Is there {absent.with_article()}?", "no"), 4) == []
+    missing = next(t for t in scene_tasks(scene) if t.kind == "refer" and t.target is None)
+    assert lookup_cells(scene, missing, 4) == []
     assert lookup_cells(scene, Task("vqa", "en", "What colour is the background?", "red"), 4) == []
     assert lookup_cells(scene, Task("caption", "en", "Describe the image.", ""), 4) == []
     repeated = next(s for s in map(make_scene, split_seeds("train", 400)) if any(s.count(o.name) == 2
@@ -280,6 +283,8 @@ def test_query_loss_reads_the_class_asked_about_at_the_first_answer_prediction(g
              next(t for t in scene_tasks(scene) if t.kind == "refer")]
     names = [question_class(scene, task) for task in tasks]
     assert names == [present.name, absent.name, None, scene.objects[tasks[3].target].name]
+    missing = next(t for t in scene_tasks(scene) if t.kind == "refer" and t.target is None)
+    assert question_class(scene, missing) in CLASSES and scene.count(question_class(scene, missing)) == 0
     classifier = torch.nn.Linear(8, len(CLASSES))
     states = torch.randn(4, 12, 8, generator=generator)  # [B, T, C]
     lengths = [3, 5, 2, 4]
@@ -311,6 +316,7 @@ def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
 def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answer():
     import random
 
+    from multimodal.phrasing import PHRASINGS
     from multimodal.training.vlm import earlier_turns
 
     tokenizer = load_world_tokenizer()
@@ -320,7 +326,9 @@ def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answ
     task = next(t for t in scene_tasks(scene) if t.kind == "vqa" and t.lang == "zh")
     history = earlier_turns(scene, task, random.Random(3))
     assert 1 <= len(history) <= 3 and all(question != task.prompt for question, _ in history)
-    assert all((question, answer) in {(t.prompt, t.answer) for t in scene_tasks(scene)} for question, answer in history)
+    trained = {(p.format(**dict(t.slots)), t.answer) for t in scene_tasks(scene) if t.form
+               for p in PHRASINGS[t.form][t.lang].train}  # each scene task in each training phrasing
+    assert all(turn in trained for turn in history)
     (before, after), = answer_rows(processor, tokenizer, [task], with_image=True, histories=[history])[0]
     lengths = answer_rows(processor, tokenizer, [task], with_image=True, histories=[history])[1]
     expected_after = []
@@ -350,7 +358,7 @@ def test_the_recipe_trains_exports_and_evaluates_every_embedded_model(tmp_path):
     assert set(vars(steps).values()) == {1}
     record = run_recipe(tmp_path, asset_path("tokenizer.json"), steps=steps, eval_count=4, draw_count=2, scenes=8)
     assert set(record["seconds"]) == {"vlm", "judge", "diffusion", "export", "eval"}
-    assert set(record["measures"]) == {"ground", "caption", "vqa", "chat", "draw"}
+    assert set(record["measures"]) == {"ground", "absent", "caption", "vqa", "chat", "draw"}
     assert all(0 <= measure["value"] for measure in record["measures"].values())
     assert json.loads((tmp_path / "recipe.json").read_text()) == json.loads(json.dumps(record))
     for part in ("vlm", "diffusion", "judge", "tokenizer.json"):

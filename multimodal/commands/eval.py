@@ -1,9 +1,12 @@
-"""`multimodal eval ground|caption|vqa|chat|draw`: the quality measures of the README's quality table, on the test
-split.
+"""`multimodal eval ground|absent|caption|vqa|chat|draw`: the quality measures of the README's quality table, on the
+test split.
 
-ground: Acc@IoU0.5 of referring expressions (as RefCOCO), split class-only / with-region; caption: object-set F1
-of captions against the scene; vqa: exact-match accuracy by topic and language; chat: the vqa questions as the first
-turn and as a follow-up after "Describe the image."; draw: all named objects present by the judge and by the VLM,
+Questions alternate English and Chinese and, in pairs, a training phrasing and one held out of training; every
+measure is also reported by language and by phrasing split. ground: Acc@IoU0.5 of referring expressions (as
+RefCOCO), split class-only / with-region; absent: the same questions about a class the scene lacks, answered as absent
+with no box; caption: object-set F1 of captions against the scene; vqa: exact-match accuracy by topic; chat: the vqa
+questions as the first turn and as a follow-up after a caption request, and follow-ups that refer back ("And how
+many cats?"); draw: all named objects present by the judge and by the VLM,
 R-precision, per composition and on held-out compositions, background colour, CLIPScore, Frechet distance, relay
 against single stage at equal compute, each beside its value on the rendered scenes (`--sheet` writes the images).
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from multimodal.commands._options import add_model_options
 
-TASKS = ("ground", "caption", "vqa", "chat", "draw")
+TASKS = ("ground", "absent", "caption", "vqa", "chat", "draw")
 
 
 def register(subparsers) -> None:

@@ -70,7 +70,7 @@ def evaluate_suite(suite: Path, device: str, count: int, draw_count: int) -> dic
 
     engine = Engine.load(suite, device=device)
     results = [evaluate_understanding(kind, answer_with(engine.chat_model), count)
-               for kind in ("ground", "caption", "vqa")]
+               for kind in ("ground", "absent", "caption", "vqa")]
     results.append(evaluate_follow_ups(answer_turns_with(engine.chat_model), count))
     judge = load_judge(suite / "judge", engine.chat_model.tokenizer)
     results.append(evaluate_draw(engine.painter, load_dit(suite / "diffusion" / "single").to(device), judge,

@@ -37,7 +37,7 @@ from torch import nn
 
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
-from multimodal.language import Task, mentioned_classes, scene_tasks
+from multimodal.language import Task, follow_ups, mentioned_classes, rephrase, scene_tasks
 from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, train
 from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
 from vlm.adapter import AdapterConfig
@@ -56,6 +56,7 @@ MIN_SPREAD = 0.7  # the wanted std across images of each normalised embedding di
 RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=16)  # larger batches learned less per sample
 WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
 FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
+BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn before ("What is it wearing?")
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 
 
@@ -100,17 +101,44 @@ def sample_kind(rng: random.Random) -> str:
     return rng.choices(kinds, weights=[TASK_WEIGHTS[k] for k in kinds])[0]
 
 
+def trained_wording(task: Task, rng: random.Random) -> Task:
+    """The task in a training phrasing picked by `rng`; asserts it, as `TrainScenes` asserts the split of its seeds,
+    so no held-out phrasing can reach a gradient."""
+    task = rephrase(task, rng, "train")
+    assert task.split == "train", f"'{task.prompt}' is a held-out phrasing"
+    return task
+
+
 def sample_task(scene: Scene, kind: str, rng: random.Random) -> Task:
-    return rng.choice([t for t in scene_tasks(scene) if t.kind == kind])
+    """A task of `kind` about the scene, in a training phrasing."""
+    return trained_wording(rng.choice([t for t in scene_tasks(scene) if t.kind == kind]), rng)
 
 
-def earlier_turns(scene: Scene, task: Task, rng: random.Random) -> tuple[tuple[str, str], ...]:
-    """One to three earlier (question, answer) turns about the same scene in the task's language, so the model learns
-    to answer a question that comes after others (the image stays in the first turn)."""
+def sample_conversation(scene: Scene, kind: str, rng: random.Random) -> tuple[Task, tuple[tuple[str, str], ...]]:
+    """The task the batch's row is trained to answer and the (question, answer) turns before it: none, one to
+    `MAX_EARLIER_TURNS` about the same scene (`FOLLOW_UP_SHARE`), or for refer and vqa rows with `BACK_REFERENCE_SHARE`
+    a follow-up that refers back to the turn just before it ("And how many cats?")."""
+    if kind in ("refer", "vqa") and rng.random() < BACK_REFERENCE_SHARE:
+        lang = rng.choice(("en", "zh"))
+        pairs = [pair for pair in follow_ups(scene, lang, rng) if pair[1].kind == kind]
+        if pairs:
+            lead, task = rng.choice(pairs)
+            history = earlier_turns(scene, task, rng, at_most=MAX_EARLIER_TURNS - 1) if rng.random() < 0.5 else ()
+            lead = trained_wording(lead, rng)
+            return trained_wording(task, rng), history + ((lead.prompt, lead.answer),)
+    task = sample_task(scene, kind, rng)
+    return task, earlier_turns(scene, task, rng) if rng.random() < FOLLOW_UP_SHARE else ()
+
+
+def earlier_turns(scene: Scene, task: Task, rng: random.Random,
+                  at_most: int = MAX_EARLIER_TURNS) -> tuple[tuple[str, str], ...]:
+    """One to `at_most` earlier (question, answer) turns about the same scene in the task's language, in training
+    phrasings, so the model learns to answer a question that comes after others (the image stays in the first
+    turn)."""
     options = [t for t in scene_tasks(scene)  # grounded captions are long: the context holds three earlier turns
-               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption") and t.prompt != task.prompt]
-    picked = rng.sample(options, min(len(options), rng.randint(1, MAX_EARLIER_TURNS)))
-    return tuple((t.prompt, t.answer) for t in picked)
+               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption") and (t.form, t.slots) != (task.form, task.slots)]
+    picked = rng.sample(options, min(len(options), rng.randint(1, at_most)))
+    return tuple((t.prompt, t.answer) for t in (trained_wording(t, rng) for t in picked))
 
 
 def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task], with_image: bool,
@@ -224,9 +252,9 @@ def lookup_attention(model: VisionLanguageModel, layer_input: torch.Tensor, inpu
 def question_class(scene: Scene, task: Task) -> str | None:
     """The class a question looks for: the referred object's, or the one class a VQA question names (present in the
     scene or not); None for other questions."""
-    if task.kind == "refer":
+    if task.kind == "refer" and task.target is not None:
         return scene.objects[task.target].name
-    if task.kind != "vqa":
+    if task.kind not in ("refer", "vqa"):
         return None
     named = mentioned_classes(task.prompt, task.lang)
     return named.pop() if len(named) == 1 else None
@@ -237,7 +265,7 @@ def lookup_cells(scene: Scene, task: Task, grid: int) -> list[int]:
     object, or every object of the class a VQA question names (none when the scene has none: the answer is then
     that nothing matches)."""
     if task.kind == "refer":
-        return [centre_cell(scene.box_per_mille(task.target), grid)]
+        return [] if task.target is None else [centre_cell(scene.box_per_mille(task.target), grid)]
     name = question_class(scene, task)
     return sorted({centre_cell(scene.box_per_mille(index), grid)
                    for index, obj in enumerate(scene.objects) if obj.name == name}) if name else []
@@ -426,9 +454,7 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
         kind = sample_kind(rng)
         seeds = pool.batch_seeds(rng, batch_size)
         scenes = [pool.scene(s) for s in seeds]
-        tasks = [sample_task(scene, kind, rng) for scene in scenes]
-        histories = [earlier_turns(scene, task, rng) if rng.random() < FOLLOW_UP_SHARE else ()
-                     for scene, task in zip(scenes, tasks)]
+        tasks, histories = zip(*(sample_conversation(scene, kind, rng) for scene in scenes))
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True, histories=histories)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
         inputs = processor.layout(rows, config.image_tokens, pixels).to(device)

@@ -1,0 +1,195 @@
+"""Many wordings of each question the world asks, in English and Chinese, with a held-out set per form.
+
+A task is built in its form's canonical wording (the first training phrasing: "Where is the dog?"), and
+`rephrase` words it again in any phrasing of a split: "train" (what training batches draw from) or "held-out"
+(never trained on; `multimodal eval` reports them apart, to measure whether the model learned the task or the
+sentence). Slots fill each phrasing: `{thing}` "the dog on the left", `{be}` "is"/"are", `{plural}` "dogs",
+`{a_thing}` "a dog", `{name}` "dog", `{relation}` "to the left of", `{measure}` 只, `{direction}` 左边.
+
+Follow-up forms ("And how many cats?", "What is it wearing?", "它在哪里？") refer back to the turn before them and
+only make sense after it (`multimodal.language.follow_ups`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SPLITS = ("train", "held-out")
+
+
+@dataclass(frozen=True)
+class Phrasings:
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+    def of(self, split: str) -> tuple[str, ...]:
+        if split not in SPLITS:
+            raise ValueError(f"Unknown phrasing split '{split}'; choose one of {', '.join(SPLITS)}.")
+        return self.train if split == "train" else self.held_out
+
+
+PHRASINGS: dict[str, dict[str, Phrasings]] = {
+    "caption": {
+        "en": Phrasings(
+            ("Describe the image.", "What is in the image?", "What do you see?", "Describe this picture.",
+             "What does the image show?", "Tell me what is in the picture.", "Caption this image.",
+             "Write a short description of the image.", "Describe what you see.", "What is shown here?",
+             "Please describe the picture.", "What's in this image?", "Give the image a caption."),
+            ("Briefly describe the scene.", "What can you see in this picture?", "Summarize the image."),
+        ),
+        "zh": Phrasings(
+            ("描述这张图片。", "图片里有什么？", "你看到了什么？", "描述一下这幅图。", "这张图片展示了什么？",
+             "告诉我图中有什么。", "给这张图片写一句描述。", "请描述图片内容。", "图中有哪些东西？",
+             "说说这张图。", "这幅图里画了什么？", "请给图片配一句说明。", "用一句话描述这张图。"),
+            ("简单描述一下画面。", "这张图里都有什么？", "概括一下这张图片。"),
+        ),
+    },
+    "grounded_caption": {
+        "en": Phrasings(
+            ("Describe the image with boxes.", "Describe the image and give the boxes of the objects.",
+             "List the objects with their boxes.", "Caption the image with bounding boxes.",
+             "Describe the picture and mark each object.", "Detect all objects.", "Find every object in the image.",
+             "Locate all the objects.", "Describe the image, with a box for each object.",
+             "Mark all the objects in the picture.", "Describe the image and locate each thing.",
+             "Give a grounded caption of the image.", "What is where in the image?"),
+            ("List everything you see, with boxes.", "Describe the scene and box every object.",
+             "Where is everything in the picture?"),
+        ),
+        "zh": Phrasings(
+            ("描述这张图片并标出位置。", "描述图片并给出每个物体的框。", "列出图中的物体和它们的框。",
+             "给图片写带框的描述。", "描述这幅图并标出每个东西。", "检测图中所有物体。", "找出图中的每个物体。",
+             "标出所有物体的位置。", "描述图片，给每个物体一个框。", "框出图中所有的东西。",
+             "描述画面并定位每个物体。", "图中什么东西在哪里？", "带位置地描述这张图。"),
+            ("列出你看到的一切并标出框。", "描述画面并框出每个物体。", "图里的东西都在哪儿？"),
+        ),
+    },
+    "refer": {
+        "en": Phrasings(
+            ("Where {be} {thing}?", "Find {thing}.", "Show me {thing}.", "Can you locate {thing}?",
+             "Point to {thing}.", "Give the box of {thing}.", "Locate {thing}.", "Mark {thing}.",
+             "Draw a box around {thing}.", "I'm looking for {thing}.", "Where in the picture {be} {thing}?",
+             "Please point out {thing}.", "Box {thing}.", "Where can I see {thing}?"),
+            ("Can you find {thing}?", "Tell me where {thing} {be}.", "Highlight {thing}.",
+             "Which part of the image shows {thing}?"),
+        ),
+        "zh": Phrasings(
+            ("{thing}在哪里？", "请找出{thing}。", "{thing}在什么位置？", "找到{thing}。", "指出{thing}。",
+             "框出{thing}。", "请标出{thing}的位置。", "帮我找一下{thing}。", "图中的{thing}在哪儿？",
+             "请定位{thing}。", "给出{thing}的框。", "{thing}在哪儿？", "把{thing}框出来。", "哪里有{thing}？"),
+            ("你能找到{thing}吗？", "告诉我{thing}在哪里。", "{thing}的位置是？", "圈出{thing}。"),
+        ),
+    },
+    "count": {
+        "en": Phrasings(
+            ("How many {plural} are there?", "How many {plural} can you see?", "Count the {plural}.",
+             "How many {plural} are in the image?", "What is the number of {plural}?",
+             "How many {plural} does the picture show?"),
+            ("Tell me how many {plural} there are.", "How many {plural} do you see?"),
+        ),
+        "zh": Phrasings(
+            ("图中有几{measure}{name}？", "有多少{measure}{name}？", "数一数{name}有几{measure}。",
+             "图里能看到几{measure}{name}？", "{name}有几{measure}？", "图中{name}的数量是多少？"),
+            ("图片里一共有几{measure}{name}？", "你看到几{measure}{name}？"),
+        ),
+    },
+    "presence": {
+        "en": Phrasings(
+            ("Is there {a_thing}?", "Is there {a_thing} in the image?", "Do you see {a_thing}?",
+             "Does the picture have {a_thing}?", "Can you see {a_thing}?", "Is there {a_thing} in this picture?"),
+            ("Does the image contain {a_thing}?", "Is {a_thing} in the picture?"),
+        ),
+        "zh": Phrasings(
+            ("图中有{name}吗？", "图片里有{name}吗？", "你看到{name}了吗？", "这张图里有没有{name}？",
+             "能看到{name}吗？", "画面中有{name}吗？"),
+            ("图里是否有{name}？", "有没有{name}？"),
+        ),
+    },
+    "background": {
+        "en": Phrasings(
+            ("What colour is the background?", "What is the background colour?", "What color is the background?",
+             "Which colour is the background?", "Name the background colour.", "The background is what colour?"),
+            ("What colour is behind the objects?", "Tell me the colour of the background."),
+        ),
+        "zh": Phrasings(
+            ("背景是什么颜色？", "背景的颜色是什么？", "背景是什么色的？", "图片背景是什么颜色？",
+             "说出背景的颜色。", "底色是什么颜色？"),
+            ("这张图的背景颜色是？", "背景用的是什么颜色？"),
+        ),
+    },
+    "neighbour": {
+        "en": Phrasings(
+            ("What is {relation} the {name}?", "What is {relation} the {name} in the image?",
+             "Which object is {relation} the {name}?", "Name the object {relation} the {name}.",
+             "What do you see {relation} the {name}?", "What's {relation} the {name}?"),
+            ("Tell me what is {relation} the {name}.", "What can be found {relation} the {name}?"),
+        ),
+        "zh": Phrasings(
+            ("{name}的{direction}是什么？", "{name}的{direction}有什么？", "在{name}{direction}的是什么？",
+             "{name}{direction}是什么东西？", "说出{name}{direction}的物体。", "{name}的{direction}是哪个物体？"),
+            ("{name}{direction}的东西是什么？", "告诉我{name}的{direction}是什么。"),
+        ),
+    },
+    "wearing": {
+        "en": Phrasings(
+            ("What is the {name} wearing?", "What does the {name} wear?", "What is on the {name}'s head?",
+             "What has the {name} got on?", "Is the {name} wearing anything? What?", "What is the {name} dressed in?"),
+            ("Tell me what the {name} is wearing.", "What does the {name} have on?"),
+        ),
+        "zh": Phrasings(
+            ("{name}戴着什么？", "{name}戴了什么？", "{name}头上戴着什么？", "{name}身上戴的是什么？",
+             "{name}戴着什么东西？", "说出{name}戴的东西。"),
+            ("{name}戴的是什么？", "告诉我{name}戴着什么。"),
+        ),
+    },
+    "size": {
+        "en": Phrasings(
+            ("Is the {name} big or small?", "Is the {name} small or big?", "How big is the {name}?",
+             "Is the {name} large or small?", "What size is the {name}?", "Big or small: the {name}?"),
+            ("Would you say the {name} is big or small?", "Is the {name} drawn big or small?"),
+        ),
+        "zh": Phrasings(
+            ("{name}是大还是小？", "{name}是小还是大？", "{name}有多大？", "{name}大不大？",
+             "{name}的大小是？", "{name}画得大还是小？"),
+            ("{name}算大还是算小？", "你觉得{name}是大是小？"),
+        ),
+    },
+    # Follow-ups: asked right after a question about the same object or class.
+    "count_again": {
+        "en": Phrasings(("And how many {plural}?", "What about {plural}?", "And {plural}?"),
+                        ("How about {plural}?",)),
+        "zh": Phrasings(("那{name}呢？", "{name}呢？", "那{name}有几{measure}？"), ("{name}又有几{measure}？",)),
+    },
+    "where_it": {
+        "en": Phrasings(("Where {be} {pronoun}?", "Show me {pronoun}.", "Find {pronoun}."),
+                        ("Can you point to {pronoun}?",)),
+        "zh": Phrasings(("{pronoun}在哪里？", "{pronoun}在哪儿？", "把{pronoun}框出来。"), ("{pronoun}在什么位置？",)),
+    },
+    "it_wearing": {
+        "en": Phrasings(("What is it wearing?", "What does it wear?", "And what is it wearing?"),
+                        ("What has it got on?",)),
+        "zh": Phrasings(("它戴着什么？", "它戴了什么？", "那它戴着什么？"), ("它头上是什么？",)),
+    },
+    "it_size": {
+        "en": Phrasings(("Is it big or small?", "How big is it?", "And is it big or small?"), ("Is it large or small?",)),
+        "zh": Phrasings(("它是大还是小？", "它大不大？", "那它是大还是小？"), ("它有多大？",)),
+    },
+}
+
+
+def canonical(form: str, lang: str, **slots: str) -> str:
+    """The form's first training phrasing with `slots` filled in."""
+    return PHRASINGS[form][lang].train[0].format(**slots)
+
+
+def phrase(form: str, lang: str, slots: dict[str, str], rng: random.Random, split: str = "train") -> str:
+    """One phrasing of `split`, picked by `rng`, with `slots` filled in."""
+    return rng.choice(PHRASINGS[form][lang].of(split)).format(**slots)
+
+
+def phrasing_split(form: str, lang: str, prompt: str, slots: dict[str, str]) -> str:
+    """Which split's phrasing `prompt` is ("train" or "held-out"); a ValueError for a wording of neither."""
+    for split in SPLITS:
+        if prompt in {template.format(**slots) for template in PHRASINGS[form][lang].of(split)}:
+            return split
+    raise ValueError(f"'{prompt}' is no phrasing of the '{form}' questions.")
