@@ -36,7 +36,9 @@ from multimodal.world import ATTRIBUTION
 
 DRAW_EXAMPLES = ["a dog with a hat", "a cat wearing sunglasses", "an apple to the left of a car",
                  "a fox with a crown on a blue background", "一只戴着帽子的狗"]
-QUESTION_EXAMPLES = ["Where is the dog?", "Describe the image with boxes.", "What is in the image?"]
+# Any wording works, in English or Chinese, and a follow-up may refer back ("What is it wearing?").
+QUESTION_EXAMPLES = ["Where is the dog?", "Find the cat.", "How many dogs are there?", "What is it wearing?",
+                     "Describe the image with boxes.", "狗在哪里？", "图中有几只猫？"]
 MAX_UPLOAD = "10mb"
 QUEUE_SIZE = 32
 ENGINE_QUEUE = "engine"  # chat, draw and caption share one queue slot: one model call at a time, in arrival order

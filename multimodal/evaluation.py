@@ -33,6 +33,7 @@ from vlm.grounding import parse_grounding
 
 BARS = {"ground": 0.90, "absent": 0.95, "caption": 0.90, "vqa": 0.85, "draw": 0.80}
 MAX_NEW_TOKENS = {"ground": 24, "absent": 24, "caption": 64, "vqa": 8}
+WORDINGS = ("mixed", "canonical")
 TASK_KINDS = {"ground": "refer", "absent": "absent", "caption": "caption", "vqa": "vqa"}
 FOLLOW_UP_GAP = 0.02  # a follow-up may lose at most this much against the same question asked first
 
@@ -57,9 +58,13 @@ class Result:
                f"{self.bar:.2f}){extra}"
 
 
-def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset: int = 0):
+def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset: int = 0,
+               wording: str = "mixed"):
     """[(scene, task)]: one task of `kind` (a task kind, or "absent": referring to a class the scene lacks) per test
-    scene, languages alternating and, in pairs, a training phrasing and a held-out one."""
+    scene, languages alternating and, in pairs, a training phrasing and a held-out one; with `wording` "canonical",
+    every question in its form's first wording ("Where is the dog?"), as the world's templates ask it."""
+    if wording not in WORDINGS:
+        raise ValueError(f"Unknown wording '{wording}'; choose one of {', '.join(WORDINGS)}.")
     picked = []
     for index, seed in enumerate(split_seeds("test", count, offset)):
         scene = make_scene(seed, world)
@@ -68,7 +73,8 @@ def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset
                   "refer": lambda t: t.kind == "refer" and t.target is not None}.get(kind, lambda t: t.kind == kind)
         options = [t for t in scene_tasks(scene) if wanted(t) and t.lang == lang]
         rng = random.Random(seed)
-        picked.append((scene, rephrase(rng.choice(options), rng, split)))
+        task = rng.choice(options)
+        picked.append((scene, rephrase(task, rng, split) if wording == "mixed" else task))
     return picked
 
 
@@ -173,14 +179,15 @@ def by_language_and_phrasing(scores: list[float], tasks: list) -> dict[str, floa
     return details
 
 
-def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32) -> Result:
+def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32,
+                           wording: str = "mixed") -> Result:
     """ground, absent, caption or vqa with `answer` answering a batch of questions about images.
 
     Details: by language and phrasing split (training phrasings against held-out ones); for ground, the shares of
     `GROUNDING_MISSES` and the accuracy of expressions that name a class alone ("the dog") apart from those that add
     a region because the class repeats ("the dog on the left"); for vqa, the accuracy of each question topic (count,
     presence, background, neighbour, wearing, size), presence also by the right answer (yes, no)."""
-    items = eval_tasks(TASK_KINDS[kind], count)
+    items = eval_tasks(TASK_KINDS[kind], count, wording=wording)
     scores, outcomes, groups, tasks = [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -208,7 +215,7 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
 
 
-def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -> Result:
+def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32, wording: str = "mixed") -> Result:
     """The vqa questions as the first turn, and again as the second turn after a caption request (in the question's
     language and phrasing split) answered by the model itself. The value is the follow-up accuracy; the bar is the
     first-turn accuracy less `FOLLOW_UP_GAP`.
@@ -216,13 +223,13 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -
     Details: the same by language and phrasing split, and questions that refer back to the turn before ("And how
     many cats?", "What is it wearing?", "它在哪里？"), asked after the model's own answer to that turn: exact match,
     or for "Where is it?" a hit (or absent, when the class is)."""
-    items = eval_tasks("vqa", count)
+    items = eval_tasks("vqa", count, wording=wording)
     first, follow, back = [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         images = [render(scene) for scene, _ in chunk]
-        openers = [rephrase(next(t for t in scene_tasks(scene) if t.kind == "caption" and t.lang == task.lang),
-                            random.Random(scene.seed), task.split).prompt for scene, task in chunk]
+        openers = [reworded(next(t for t in scene_tasks(scene) if t.kind == "caption" and t.lang == task.lang),
+                            random.Random(scene.seed), task.split, wording).prompt for scene, task in chunk]
         captions = answer(images, [[("user", opener)] for opener in openers], MAX_NEW_TOKENS["caption"])
         alone = answer(images, [[("user", task.prompt)] for _, task in chunk], MAX_NEW_TOKENS["vqa"])
         after = answer(images, [[("user", opener), ("assistant", caption), ("user", task.prompt)]
@@ -231,7 +238,7 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -
             expected = normalise_answer(task.answer)
             first.append(float(normalise_answer(reply_alone) == expected))
             follow.append(float(normalise_answer(reply_after) == expected))
-        pairs = [back_reference(scene, task) for scene, task in chunk]
+        pairs = [back_reference(scene, task, wording) for scene, task in chunk]
         leads = answer(images, [[("user", lead.prompt)] for lead, _ in pairs], MAX_NEW_TOKENS["ground"])
         replies = answer(images, [[("user", lead.prompt), ("assistant", reply), ("user", then.prompt)]
                                   for (lead, then), reply in zip(pairs, leads)], MAX_NEW_TOKENS["ground"])
@@ -249,9 +256,14 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32) -
     return Result("chat", "follow-up exact match", follow_up, len(follow), first_turn - FOLLOW_UP_GAP, details)
 
 
-def back_reference(scene, task):
+def back_reference(scene, task, wording: str = "mixed"):
     """A (question, follow-up referring back to it) pair about `scene`, in `task`'s language and phrasing split,
     picked by the scene's seed."""
     rng = random.Random(scene.seed + 1)
     lead, then = rng.choice(follow_ups(scene, task.lang, rng))
-    return rephrase(lead, rng, task.split), rephrase(then, rng, task.split)
+    return reworded(lead, rng, task.split, wording), reworded(then, rng, task.split, wording)
+
+
+def reworded(task, rng: random.Random, split: str, wording: str):
+    """`task` in a phrasing of `split`, or as it is for the "canonical" wording."""
+    return rephrase(task, rng, split) if wording == "mixed" else task

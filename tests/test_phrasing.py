@@ -167,6 +167,11 @@ def test_eval_items_alternate_language_and_phrasing_split():
         assert [t.lang for _, t in items] == ["en", "zh"] * 8
         assert [t.split for _, t in items] == ["train", "train", "held-out", "held-out"] * 4
         assert all((t.target is None) == (kind == "absent") for _, t in items if t.kind == "refer")
+        canonical = eval_tasks(kind, 16, wording="canonical")
+        assert [s.seed for s, _ in canonical] == [s.seed for s, _ in items]
+        assert all(t.prompt == PHRASINGS[t.form][t.lang].train[0].format(**dict(t.slots)) for _, t in canonical)
+    with pytest.raises(ValueError, match="Unknown wording"):
+        eval_tasks("vqa", 4, wording="fancy")
 
 
 def test_absent_measure_counts_absence_without_a_box_and_nothing_else():

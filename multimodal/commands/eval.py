@@ -2,7 +2,8 @@
 test split.
 
 Questions alternate English and Chinese and, in pairs, a training phrasing and one held out of training; every
-measure is also reported by language and by phrasing split. ground: Acc@IoU0.5 of referring expressions (as
+measure is also reported by language and by phrasing split (`--wording canonical` asks each question in its form's
+first wording instead, as the world's templates do). ground: Acc@IoU0.5 of referring expressions (as
 RefCOCO), split class-only / with-region; absent: the same questions about a class the scene lacks, answered as absent
 with no box; caption: object-set F1 of captions against the scene; vqa: exact-match accuracy by topic; chat: the vqa
 questions as the first turn and as a follow-up after a caption request, and follow-ups that refer back ("And how
@@ -39,6 +40,9 @@ def register(subparsers) -> None:
                         help="draw: the val split is for choosing sampler settings, the test split for reporting")
     parser.add_argument("--guidance", type=float, default=None, help="draw: guidance scale (default: the model's)")
     parser.add_argument("--judge", default=None, help="judge checkpoint folder (default: the shipped judge)")
+    parser.add_argument("--wording", choices=["mixed", "canonical"], default="mixed",
+                        help="questions in training and held-out phrasings (mixed), or each in its form's first "
+                             "wording (canonical: \"Where is the dog?\")")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     add_model_options(parser)
     parser.set_defaults(func=run)
@@ -63,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
         if args.sheet:
             write_sheet(args.sheet, items, images)
     elif args.task == "chat":
-        result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count)
+        result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count, wording=args.wording)
     else:
-        result = evaluate_understanding(args.task, answer_with(engine.chat_model), count)
-    print(result.line() + (f" [{args.quant}]" if args.quant != "none" else ""))
+        result = evaluate_understanding(args.task, answer_with(engine.chat_model), count, wording=args.wording)
+    tags = ([args.quant] if args.quant != "none" else []) + ([f"{args.wording} wording"] if args.wording != "mixed"
+                                                             else [])
+    print(result.line() + "".join(f" [{tag}]" for tag in tags))
     if args.json:
         record = {"task": result.task, "measure": result.measure, "value": result.value, "count": result.count,
-                  "bar": result.bar, "passed": result.passed, "quant": args.quant, **result.details}
+                  "bar": result.bar, "passed": result.passed, "quant": args.quant, "wording": args.wording,
+                  **result.details}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
