@@ -1,5 +1,7 @@
 """The EmojiScenes world's language: the tasks of a scene in English and Chinese (caption, grounded caption,
-referring expression -> box, VQA, text-to-image prompts), and reading class names back out of text.
+referring expression -> box or "there is none", VQA, text-to-image prompts), follow-ups that refer back to the turn
+before, and reading class names back out of text. Each question is built in its form's canonical wording;
+`rephrase` words it in any phrasing of `multimodal.phrasing`.
 
 Grammar is deliberately regular (the embedded models are tiny) but correct: irregular plurals, "a" / "an", plural-only
 nouns ("Where are the sunglasses?"), and each Chinese class's measure word.

@@ -10,8 +10,11 @@
    core but its last: CogView4 reads GLM's second-to-last hidden states; `text_encoder_layers` keeps pointing the
    encoder there); the ViT, the adapter, the visual experts (initialised as copies of the language expert, as CogVLM
    does), the language-stage core's last layer, the two new layers and the output head learn to answer about the
-   image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` and VQA, in English and Chinese,
-   on scenes of the default world and a share of the drawing world's (`vision_pool`).
+   image: captions, grounded captions, referring expressions -> `[[x0,y0,x1,y1]]` (or "There is no cat in the
+   image.") and VQA, in English and Chinese, on scenes of the default world and a share of the drawing world's
+   (`vision_pool`). Questions come in the training phrasings of `multimodal.phrasing` (never a held-out one), alone,
+   after earlier turns about the same image, or as follow-ups that refer back to the turn before
+   (`sample_conversation`).
    The detection head keeps training beside them, and a second one reads the adapter's image tokens (a 4x4 grid):
    through the answer loss alone a from-scratch tower drifts to near-constant features the language model learns to
    ignore (the same answer for every image). The adapter's output drifts the same way (a constant prefix the language
