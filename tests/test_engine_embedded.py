@@ -25,10 +25,11 @@ def engine() -> Engine:
 
 
 SLICE = 48  # test items per measure: a few seconds each on one CPU thread
-# Measured on this slice: ground 0.917, caption 0.971, VQA 0.833, VQA as a follow-up 0.750 (INT8 on half of it:
-# caption 0.952, VQA 0.833). A VLM that ignores the image scores about 0.08, 0.03 and 0.37 over the first 100 test
-# items; the weights before follow-ups were trained answered 0.22 as a follow-up (`multimodal eval chat`).
-FLOORS = {"ground": 0.80, "caption": 0.90, "vqa": 0.72, "chat": 0.62}
+# Questions in mixed wordings (half training phrasings, half held-out; `multimodal eval`'s default). Measured on this
+# slice: ground 0.625, absent 0.729, caption 0.756, VQA 0.604, VQA as a follow-up 0.562 (INT8 on half of it: caption
+# 0.679, VQA 0.583). The weights before the phrasings were trained scored 0.285, 0.052, 0.265, 0.295 and 0.245 over
+# 1,000 items; a VLM that ignores the image scores about 0.08, 0.03 and 0.37 on template questions.
+FLOORS = {"ground": 0.52, "absent": 0.60, "caption": 0.65, "vqa": 0.50, "chat": 0.45}
 DRAW_SLICE, RENDER_SLICE = 32, 200
 # Measured: the judge finds every object in 0.950 of the first 200 rendered drawing test scenes and ranks their own
 # prompt first in 0.985 of them; the shipped pipeline draws all objects in 0.594 of the first 32 prompts (seeds 0-31)
@@ -36,7 +37,7 @@ DRAW_SLICE, RENDER_SLICE = 32, 200
 DRAW_FLOORS = {"render accuracy": 0.90, "render R-precision": 0.95, "presence": 0.45, "R-precision": 0.65}
 
 
-@pytest.mark.parametrize("kind", ["ground", "caption", "vqa"])
+@pytest.mark.parametrize("kind", ["ground", "absent", "caption", "vqa"])
 def test_understanding_on_a_test_slice_stays_above_its_floor(engine, kind):
     result = evaluate_understanding(kind, answer_with(engine.chat_model), SLICE)
     assert result.value >= FLOORS[kind], result.line()
