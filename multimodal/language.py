@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
+from multimodal.phrasing import canonical, phrase, phrasing_split
 from multimodal.world import (
     CLASSES,
     COLOURS,
@@ -24,7 +25,6 @@ from multimodal.world import (
     Scene,
     with_article,
 )
-from multimodal.phrasing import canonical, phrase, phrasing_split
 from vlm.grounding import format_boxes
 
 

@@ -171,7 +171,8 @@ PHRASINGS: dict[str, dict[str, Phrasings]] = {
         "zh": Phrasings(("它戴着什么？", "它戴了什么？", "那它戴着什么？"), ("它头上是什么？",)),
     },
     "it_size": {
-        "en": Phrasings(("Is it big or small?", "How big is it?", "And is it big or small?"), ("Is it large or small?",)),
+        "en": Phrasings(("Is it big or small?", "How big is it?", "And is it big or small?"),
+                        ("Is it large or small?",)),
         "zh": Phrasings(("它是大还是小？", "它大不大？", "那它是大还是小？"), ("它有多大？",)),
     },
 }

@@ -73,7 +73,8 @@ def test_follow_up_eval_asks_the_same_questions_first_and_after_a_caption():
         return [truth.get(turns[-1][1], "a caption") if len(turns) == 1 else "no" for turns in conversations]
 
     result = evaluate_follow_ups(forgetful, 12, batch_size=5)
-    assert sorted(set(seen)) == [1, 3] and seen.count(3) == 24  # opener + caption + the question; lead + reply + follow-up
+    # opener + caption + the question; lead + reply + follow-up
+    assert sorted(set(seen)) == [1, 3] and seen.count(3) == 24
     assert result.details["first-turn exact match"] == 1.0 and not result.passed
     assert result.value == pytest.approx(sum(a == "no" for a in truth.values()) / 12)
     steady = evaluate_follow_ups(lambda i, c, m: [truth.get(t[-1][1], "a caption") for t in c], 12)

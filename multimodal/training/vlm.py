@@ -139,7 +139,8 @@ def earlier_turns(scene: Scene, task: Task, rng: random.Random,
     phrasings, so the model learns to answer a question that comes after others (the image stays in the first
     turn)."""
     options = [t for t in scene_tasks(scene)  # grounded captions are long: the context holds three earlier turns
-               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption") and (t.form, t.slots) != (task.form, task.slots)]
+               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption")
+               and (t.form, t.slots) != (task.form, task.slots)]
     picked = rng.sample(options, min(len(options), rng.randint(1, at_most)))
     return tuple((t.prompt, t.answer) for t in (trained_wording(t, rng) for t in picked))
 
