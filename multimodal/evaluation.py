@@ -149,6 +149,16 @@ def answered_absent(reply: str, lang: str) -> bool:
     return "没有" in reply if lang == "zh" else bool(re.search(r"\bthere (?:is|are) no\b", reply.lower()))
 
 
+def in_language(reply: str, lang: str) -> bool | None:
+    """Whether a reply is written in `lang` (Chinese characters for zh, Latin letters for en, not both); None for a
+    reply of neither, such as a number or a bare box."""
+    chinese = any("\u4e00" <= ch <= "\u9fff" for ch in reply)
+    latin = bool(re.search(r"[A-Za-z]", reply))
+    if not (chinese or latin):
+        return None
+    return chinese != latin and chinese == (lang == "zh")
+
+
 def score_reply(kind: str, reply: str, scene, task) -> tuple[float, str]:
     """(score, group) of one reply: the group is the grounding outcome, the vqa topic, or "" ."""
     if kind == "ground":
@@ -186,15 +196,17 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     Details: by language and phrasing split (training phrasings against held-out ones); for ground, the shares of
     `GROUNDING_MISSES` and the accuracy of expressions that name a class alone ("the dog") apart from those that add
     a region because the class repeats ("the dog on the left"); for vqa, the accuracy of each question topic (count,
-    presence, background, neighbour, wearing, size), presence also by the right answer (yes, no)."""
+    presence, background, neighbour, wearing, size), presence also by the right answer (yes, no); and the share of
+    worded replies (not a bare number or box) in the question's language."""
     items = eval_tasks(TASK_KINDS[kind], count, wording=wording)
-    scores, outcomes, groups, tasks = [], [], [], []
+    scores, outcomes, groups, tasks, languages = [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         replies = answer([render(scene) for scene, _ in chunk], [task.prompt for _, task in chunk],
                          MAX_NEW_TOKENS[kind])
         for (scene, task), reply in zip(chunk, replies):
             score, group = score_reply(kind, reply, scene, task)
+            languages.append(in_language(reply, task.lang))
             scores.append(score)
             tasks.append(task)
             if kind == "ground":
@@ -212,6 +224,9 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
         details.update(grouped([score for score, _ in presence],
                                [f"presence ({'yes' if t.answer in ('yes', '有') else 'no'}) Acc" for _, t in presence]))
     details.update(by_language_and_phrasing(scores, tasks))
+    worded = [same for same in languages if same is not None]
+    if worded:
+        details[f"in the question's language ({len(worded)})"] = sum(worded) / len(worded)
     return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
 
 

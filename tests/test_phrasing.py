@@ -202,3 +202,24 @@ def test_chat_eval_scores_follow_ups_that_refer_back_after_the_models_own_answer
     forgetting = evaluate_follow_ups(lambda images, conversations, limit: ["1"] * len(conversations), 12)
     expected = sum(answer == "1" for answer in pairs.values()) / 12
     assert forgetting.details["referring back Acc"] == pytest.approx(expected) and expected < 1.0
+
+
+@pytest.mark.parametrize("reply,lang,expected", [
+    ("There is no cat in the image.", "en", True), ("There is no cat in the image.", "zh", False),
+    ("图中没有猫。", "zh", True), ("图中没有猫。", "en", False), ("a dog 一只狗", "en", False), ("3", "en", None),
+    ("[[010,020,300,400]]", "zh", None), ("绿色", "zh", True), ("green", "zh", False),
+])
+def test_the_reply_language_is_told_apart(reply, lang, expected):
+    from multimodal.evaluation import in_language
+
+    assert in_language(reply, lang) is expected
+
+
+def test_understanding_reports_the_share_of_replies_in_the_questions_language():
+    from multimodal.evaluation import eval_tasks, evaluate_understanding
+
+    items = eval_tasks("absent", 4)  # en, zh, en, zh
+    replies = ["There is no cat in the image.", "There is no cat in the image.", "2", "图中没有猫。"]
+    result = evaluate_understanding("absent", lambda images, questions, limit: replies, 4)
+    assert [t.lang for _, t in items] == ["en", "zh", "en", "zh"]
+    assert result.details["in the question's language (3)"] == 2 / 3
