@@ -65,16 +65,15 @@ def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset
     every question in its form's first wording ("Where is the dog?"), as the world's templates ask it."""
     if wording not in WORDINGS:
         raise ValueError(f"Unknown wording '{wording}'; choose one of {', '.join(WORDINGS)}.")
+    wanted = {"absent": lambda t: t.kind == "refer" and t.target is None,
+              "refer": lambda t: t.kind == "refer" and t.target is not None}.get(kind, lambda t: t.kind == kind)
     picked = []
     for index, seed in enumerate(split_seeds("test", count, offset)):
         scene = make_scene(seed, world)
         lang, split = ("en", "zh")[index % 2], PHRASING_SPLITS[index // 2 % 2]
-        wanted = {"absent": lambda t: t.kind == "refer" and t.target is None,
-                  "refer": lambda t: t.kind == "refer" and t.target is not None}.get(kind, lambda t: t.kind == kind)
-        options = [t for t in scene_tasks(scene) if wanted(t) and t.lang == lang]
         rng = random.Random(seed)
-        task = rng.choice(options)
-        picked.append((scene, rephrase(task, rng, split) if wording == "mixed" else task))
+        task = rng.choice([t for t in scene_tasks(scene) if wanted(t) and t.lang == lang])
+        picked.append((scene, reworded(task, rng, split, wording)))
     return picked
 
 
