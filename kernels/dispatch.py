@@ -3,15 +3,16 @@
 Backends:
 - "reference": dequantize to float32 and matmul (any device, any shape; slow, the ground truth).
 - "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+- "planes" (int8 only): integer matmuls on two int8 planes of the activations (`kernels.int8.int8_matmul_planes`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-- "auto": Triton on CUDA when Triton is installed, the fused kernel on CPU when the shape allows it, otherwise the
-  reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does not
-  know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd projection;
-  it is only slower there.
+- "auto": Triton on CUDA when Triton is installed; on the CPU, for int8 the planes path from PLANES_MIN_ROWS rows
+  and the fused kernel below, for int4 the fused kernel when the shape allows it; otherwise the reference. A shape a
+  fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does not know; int8: K not a multiple
+  of 16) silently takes the reference path, so no model crashes on an odd projection; it is only slower there.
   Forcing "cpu" on such a shape is a ValueError.
 
 The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The fused CPU kernels compute
-in bfloat16 whatever x's dtype (`_in_bf16`). The bias is not handled here:
+in bfloat16 whatever x's dtype (`_in_bf16`); the planes path takes x as it comes. The bias is not handled here:
 the modules in `multimodal/quantize.py` add it after the fused matmul.
 """
 
@@ -28,9 +29,15 @@ from kernels.int4 import (
     int4_matmul_ref,
     to_cpu_int4pack,
 )
-from kernels.int8 import cpu_int8pack_supported, int8_matmul_cpu, int8_matmul_ref
+from kernels.int8 import (
+    PLANES_MIN_ROWS,
+    cpu_int8pack_supported,
+    int8_matmul_cpu,
+    int8_matmul_planes,
+    int8_matmul_ref,
+)
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "planes", "triton")
 CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
 
 
@@ -59,10 +66,14 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
     if backend == "auto":
         if x.is_cuda and triton_available():
             backend = "triton"
+        elif x.device.type == "cpu" and x.numel() >= PLANES_MIN_ROWS * in_features:
+            backend = "planes"
         elif x.device.type == "cpu" and cpu_int8pack_supported(in_features):
             backend = "cpu"
         else:
             backend = "reference"
+    if backend == "planes" and x.device.type != "cpu":
+        raise ValueError("The int8 planes path runs on the CPU only.")
     if backend == "cpu" and not cpu_int8pack_supported(in_features):
         raise ValueError(f"The fused CPU int8 kernel needs in_features divisible by 16; got {in_features}.")
     flat = x.reshape(-1, in_features)  # [M, K]
@@ -72,6 +83,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
         out = int8_matmul_triton(flat, weight, scales)
     elif backend == "cpu":
         out = _in_bf16(flat, lambda x: int8_matmul_cpu(x, weight, scales))
+    elif backend == "planes":
+        out = int8_matmul_planes(flat, weight, scales)
     else:
         out = int8_matmul_ref(flat, weight, scales)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -87,6 +100,8 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., K] @ dequantized(weight uint8 [N, K/2] in `layout`, scales_and_zeros [K/G, N, 2]).T -> [..., N]."""
     _check_backend(backend)
+    if backend == "planes":
+        raise ValueError("The planes path multiplies int8 weights; int4 layers take auto, reference, cpu or triton.")
     out_features = weight.shape[0]
     in_features = x.shape[-1]
     if backend == "auto":

@@ -2,8 +2,16 @@
 
 Format: `weight` int8 [N, K] (symmetric, values in [-127, 127]) and `scales` [N]; the float weight is
 `weight * scales[:, None]`. Because the scale is per output channel it factors out of the matmul:
-y = (x @ weight.T) * scales. Two paths live here; the Triton GPU kernel is in `kernels/triton_int8.py` and
+y = (x @ weight.T) * scales. Three paths live here; the Triton GPU kernel is in `kernels/triton_int8.py` and
 `kernels/dispatch.py` picks one.
+
+The planes path multiplies in integers (torch's `_int_mm`, int8 x int8 -> int32, VNNI where the CPU has it). Each
+activation row is written as two int8 planes under one float scale, x = scale * (high + low / PLANE_STEP): the high
+plane is the row rounded to 127 levels of its largest magnitude, the low plane the rounding remainder at 1/254 of
+that step. The error is at most max|x_row| / (127 * 2 * 254) per element, about 1.6e-5 of the row's largest value:
+below bfloat16's rounding of that value (2^-9), so the result is as exact as the fused kernel's bfloat16 one. It
+pays from 8 rows up (prefill, batched decode), where it runs 1.4-2.7x faster than the fused kernel on this CPU; one
+row per call stays on the fused kernel, which reads each weight once where the two planes would read it twice.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import torch
 
 # torch's fused CPU kernel reads K in whole vectors (see `cpu_int8pack_supported`); `Int8WeightOnlyLinear` pads to it.
 INT8_CPU_K_MULTIPLE = 16
+PLANE_STEP = 254  # the low plane counts in 1/254 of the high plane's unit: its remainder in [-0.5, 0.5] -> [-127, 127]
+PLANES_MIN_ROWS = 8  # from here on the planes path beats the fused kernel (`multimodal bench quant --batch-size`)
 
 
 def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -35,3 +45,23 @@ def int8_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     """torch's fused CPU kernel: reads int8 weights directly, no float copy of the weight. x [M, K] -> [M, N]."""
     # The fused op wants the scales in the activation dtype.
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales.to(x.dtype))
+
+
+def activation_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float -> (planes int8 [2M, K]: the high planes of every row, then the low ones; scale [M, 1] float32)
+    with x = scale * (high + low / PLANE_STEP) up to max|x_row| / (254 * PLANE_STEP)."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127  # [M, 1]
+    scaled = x / scale  # [M, K] in [-127, 127]
+    high = scaled.round()
+    low = ((scaled - high) * PLANE_STEP).round()
+    return torch.cat([high, low]).to(torch.int8), scale
+
+
+def int8_matmul_planes(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The integer path: both activation planes in one int8 x int8 -> int32 matmul, then the scales. x [M, K] ->
+    [M, N] in x's dtype."""
+    planes, row_scale = activation_planes(x)
+    products = torch._int_mm(planes, weight.T).float()  # [2M, N], exact
+    high, low = products.chunk(2)  # [M, N] each
+    return ((high + low / PLANE_STEP) * row_scale * scales.float()).to(x.dtype)

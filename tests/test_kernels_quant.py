@@ -14,7 +14,15 @@ from kernels.int4 import (
     to_cpu_int4pack,
     unpack_int4,
 )
-from kernels.int8 import dequantize_int8, int8_matmul_cpu, int8_matmul_ref
+from kernels.int8 import (
+    PLANE_STEP,
+    PLANES_MIN_ROWS,
+    activation_planes,
+    dequantize_int8,
+    int8_matmul_cpu,
+    int8_matmul_planes,
+    int8_matmul_ref,
+)
 
 
 def _tolerance(dtype, reference):
@@ -60,6 +68,67 @@ def test_int8_odd_in_features():
         torch.testing.assert_close(int8_linear(x, weight, scales), int8_matmul_ref(x, weight, scales))
         with pytest.raises(ValueError, match="divisible by 16"):
             int8_linear(x, weight, scales, backend="cpu")
+
+
+def test_activation_planes_rebuild_each_row_within_their_bound():
+    generator = torch.Generator().manual_seed(11)
+    magnitudes = torch.logspace(-3, 2, 9, dtype=torch.float64)[:, None]  # rows from 1e-3 to 1e2
+    x = torch.randn(9, 70, generator=generator, dtype=torch.float64) * magnitudes
+    x[3, 5] = 400.0  # an outlier sets its row's scale
+    x[7] = 0.0  # an all-zero row
+    planes, scale = activation_planes(x.float())
+    assert planes.dtype == torch.int8 and planes.shape == (18, 70) and scale.shape == (9, 1)
+    high, low = planes.double().chunk(2)
+    rebuilt = scale.double() * (high + low / PLANE_STEP)
+    bound = x.abs().amax(dim=1, keepdim=True) / (127 * 2 * PLANE_STEP)  # half a low step, in x's units
+    # float32 rounding of x and of the scale adds a few ulps of the row maximum
+    assert ((rebuilt - x).abs() <= bound * 1.001 + 1e-6 * x.abs().amax(dim=1, keepdim=True)).all()
+    assert high.abs().max() <= 127 and low.abs().max() <= 127
+    assert (high[7] == 0).all() and (low[7] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features", [(8, 64, 128), (33, 17, 45), (1, 5, 7), (64, 96, 256)])
+def test_int8_planes_match_the_float64_linear(rows, out_features, in_features, dtype):
+    generator = torch.Generator().manual_seed(rows * 100 + in_features)
+    weight, scales = _random_int8(out_features, in_features, generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    x[0, 0] = 30.0  # an outlier as GLM activations have them
+    x = x.to(dtype)
+    dequantized = weight.double() * scales.double()[:, None]  # [N, K]
+    expected = x.double() @ dequantized.T
+    out = int8_matmul_planes(x, weight, scales)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    # Each element of x is off by at most max|x_row| / (127 * 2 * 254), so each output by that times sum|w|; then
+    # the result is rounded to x's dtype. Dropping the low plane would be 254 times over this bound.
+    plane_bound = x.double().abs().amax(dim=1, keepdim=True) / (127 * 2 * PLANE_STEP) * dequantized.abs().sum(1)
+    rounding = expected.abs() * (2**-8 if dtype == torch.bfloat16 else 1e-6)
+    assert ((out.double() - expected).abs() <= plane_bound + rounding + 1e-7).all()
+
+
+def test_int8_auto_takes_the_planes_from_their_row_count_and_the_fused_kernel_below():
+    generator = torch.Generator().manual_seed(12)
+    weight, scales = _random_int8(32, 64, generator)
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args):
+            calls.append(name)
+            return fn(*args)
+        return wrapped
+
+    import kernels.dispatch as dispatch
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatch, "int8_matmul_planes", spy("planes", int8_matmul_planes))
+        patch.setattr(dispatch, "int8_matmul_cpu", spy("cpu", int8_matmul_cpu))
+        for rows in (1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40):
+            x = torch.randn(rows, 64, generator=generator)
+            out = int8_linear(x, weight, scales)
+            torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
+                torch.bfloat16, out))
+    assert calls == ["cpu", "cpu", "planes", "planes"]
+    with pytest.raises(ValueError, match="int8 weights"):
+        int4_linear(torch.randn(2, 64), *_random_int4(16, 64, 32, generator), 32, backend="planes")
 
 
 def test_int8_reference_is_the_dequantized_linear():

@@ -29,9 +29,11 @@ def test_bench_quant_prints_a_row_per_variant(capsys):
     assert list(rows) == ["float", "int8", "int4 g32"]
     read_share = {name: float(cells[2].rstrip("%")) for name, cells in rows.items()}  # read/token vs float
     assert read_share["int4 g32"] < read_share["int8"] < read_share["float"] == 100.0
-    assert float(rows["float"][7]) == 0.0 and float(rows["int8"][7]) > 0.0
-    for cells in rows.values():  # GB/s and % of floor (their arithmetic: test_floor_columns_are_bytes_times_steps)
-        assert float(cells[5]) >= 0 and float(cells[6].rstrip("%")) >= 0
+    assert float(rows["float"][9]) == 0.0 and float(rows["int8"][9]) > 0.0  # logits error
+    assert rows["float"][4] == rows["float"][6] == "1.00x"  # prefill and decode against float
+    for cells in rows.values():  # tokens/s, GB/s and % of floor (arithmetic: test_floor_columns_are_bytes_times_steps)
+        assert float(cells[3]) > 0 and float(cells[5]) > 0
+        assert float(cells[7]) >= 0 and float(cells[8].rstrip("%")) >= 0
 
 
 def test_floor_columns_are_bytes_times_steps_against_the_measured_bandwidth():

@@ -8,6 +8,8 @@ path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per varian
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
   the variants taking turns so that load from other processes is shared fairly;
+- prefill tok/s: B * prompt length / time of the 1-token generation (the prompt's forward and one sampling step);
+  `--prompt-len 256` measures it where it matters;
 - GB/s and % floor: read/token x tok/s, and that against the read bandwidth measured in the same run (batch 1
   decode cannot beat it; see `_bandwidth.py`);
 - logits rel. err: relative L2 distance of the prompt's logits from the float model's.
@@ -40,6 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "planes", "reference", "triton"),
+                        help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
     parser.set_defaults(func=run)
@@ -60,10 +64,10 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int]], new_tokens: int,
-                             repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` decode speed of each model; the models take turns, so load from other processes on a
-    shared machine spreads over all of them instead of landing on one."""
+def tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int]], new_tokens: int,
+                      repeats: int) -> dict[str, tuple[float, float]]:
+    """Best-of-`repeats` (prefill, decode) tokens/s of each model; the models take turns, so load from other
+    processes on a shared machine spreads over all of them instead of landing on one."""
     from glm.generate import SamplingConfig, generate
 
     def generation(model: GLMModel, n: int):
@@ -76,7 +80,9 @@ def decode_tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int
         for name, model in models.items():
             first, full = _seconds(generation(model, 1)), _seconds(generation(model, new_tokens))
             best[name] = (min(best[name][0], first), min(best[name][1], full))
-    return {name: len(prompts) * (new_tokens - 1) / max(full - first, 1e-9) for name, (first, full) in best.items()}
+    prompt_tokens = sum(len(prompt) for prompt in prompts)
+    return {name: (prompt_tokens / first, len(prompts) * (new_tokens - 1) / max(full - first, 1e-9))
+            for name, (first, full) in best.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from glm.generate import pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
-    from multimodal.quantize import QuantSpec, quantize_model
+    from multimodal.quantize import QuantSpec, quantize_model, set_backend
 
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2 to time decoding.")
@@ -104,29 +110,33 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"int8 kernel {args.int8_kernel}, "
           f"greedy, best of {args.repeats}; excluded from quantization: {', '.join(args.exclude) or 'nothing'}")
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'variant':<9} | {'weights MB':>10} | {'read/token MB':>13} | {'vs float':>8} | {'decode tok/s':>12} | "
-              f"{'vs float':>8} | {'GB/s':>6} | {'% floor':>7} | {'logits rel. err':>15}")
+    header = (f"{'variant':<9} | {'weights MB':>10} | {'read/token MB':>13} | {'vs float':>8} | "
+              f"{'prefill tok/s':>13} | {'vs float':>8} | {'decode tok/s':>12} | {'vs float':>8} | {'GB/s':>6} | "
+              f"{'% floor':>7} | {'logits rel. err':>15}")
     rows = [header, "-" * len(header)]
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
+    set_backend(models["int8"], args.int8_kernel)
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model))
-    speeds = decode_tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
+    speeds = tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
         reference_logits = float_model(prompts.to(args.device)).float()
         for name, model in models.items():
             stored, read = sizes[name]
             logits = model(prompts.to(args.device)).float()
             error = ((logits - reference_logits).norm() / reference_logits.norm()).item()
+            prefill, decode = speeds[name]
             if name == "float":
-                float_read, float_speed = read, speeds[name]
-            achieved, percent = floor_columns(read, speeds[name] / args.batch_size, bandwidth)
+                float_read, float_prefill, float_decode = read, prefill, decode
+            achieved, percent = floor_columns(read, decode / args.batch_size, bandwidth)
             rows.append(f"{name:<9} | {stored / 1e6:>10.1f} | {read / 1e6:>13.1f} | {read / float_read:>7.1%} | "
-                        f"{speeds[name]:>12.2f} | {speeds[name] / float_speed:>7.2f}x | {achieved:>6.1f} | "
-                        f"{percent:>6.1f}% | {error:>15.4f}")
+                        f"{prefill:>13.1f} | {prefill / float_prefill:>7.2f}x | {decode:>12.2f} | "
+                        f"{decode / float_decode:>7.2f}x | {achieved:>6.1f} | {percent:>6.1f}% | {error:>15.4f}")
     print("\n".join(rows))
     return 0
