@@ -4,16 +4,19 @@ Backends:
 - "reference": dequantize to float32 and matmul (any device, any shape; slow, the ground truth).
 - "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
 - "planes" (int8 only): integer matmuls on two int8 planes of the activations (`kernels.int8.int8_matmul_planes`).
+- "dequantized" (int4 only): the CPU-tiled weight dequantized to bfloat16 per call, then a bfloat16 matmul
+  (`kernels.int4.int4_matmul_dequantized`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "auto": Triton on CUDA when Triton is installed; on the CPU, for int8 the planes path from PLANES_MIN_ROWS rows
-  and the fused kernel below, for int4 the fused kernel when the shape allows it; otherwise the reference. A shape a
-  fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does not know; int8: K not a multiple
-  of 16) silently takes the reference path, so no model crashes on an odd projection; it is only slower there.
-  Forcing "cpu" on such a shape is a ValueError.
+  and the fused kernel below, for int4 (where the shape allows the tile layout) the dequantized path from
+  DEQUANTIZED_MIN_ROWS rows and the fused kernel below; otherwise the reference. A shape a fused CPU kernel refuses
+  (int4: N not a multiple of 16, or a tile layout it does not know; int8: K not a multiple of 16) silently takes
+  the reference path, so no model crashes on an odd projection; it is only slower there. Forcing "cpu" on such a
+  shape is a ValueError.
 
 The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The fused CPU kernels compute
-in bfloat16 whatever x's dtype (`_in_bf16`); the planes path takes x as it comes. The bias is not handled here:
-the modules in `multimodal/quantize.py` add it after the fused matmul.
+in bfloat16 whatever x's dtype (`_in_bf16`), as does the dequantized path; the planes path takes x as it comes.
+The bias is not handled here: the modules in `multimodal/quantize.py` add it after the matmul.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import importlib.util
 import torch
 
 from kernels.int4 import (
+    DEQUANTIZED_MIN_ROWS,
     cpu_int4pack_supported,
     from_cpu_int4pack,
     int4_matmul_cpu,
+    int4_matmul_dequantized,
     int4_matmul_ref,
     to_cpu_int4pack,
 )
@@ -37,7 +42,7 @@ from kernels.int8 import (
     int8_matmul_ref,
 )
 
-BACKENDS = ("auto", "reference", "cpu", "planes", "triton")
+BACKENDS = ("auto", "reference", "cpu", "planes", "dequantized", "triton")
 CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
 
 
@@ -72,6 +77,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
             backend = "cpu"
         else:
             backend = "reference"
+    if backend == "dequantized":
+        raise ValueError("The dequantized path reads int4 weights; int8 layers take auto, reference, cpu, planes or "
+                         "triton.")
     if backend == "planes" and x.device.type != "cpu":
         raise ValueError("The int8 planes path runs on the CPU only.")
     if backend == "cpu" and not cpu_int8pack_supported(in_features):
@@ -101,25 +109,27 @@ def int4_linear(
     """x [..., K] @ dequantized(weight uint8 [N, K/2] in `layout`, scales_and_zeros [K/G, N, 2]).T -> [..., N]."""
     _check_backend(backend)
     if backend == "planes":
-        raise ValueError("The planes path multiplies int8 weights; int4 layers take auto, reference, cpu or triton.")
+        raise ValueError("The planes path multiplies int8 weights; int4 layers take auto, reference, cpu, "
+                         "dequantized or triton.")
     out_features = weight.shape[0]
     in_features = x.shape[-1]
     if backend == "auto":
         if x.is_cuda and triton_available():
             backend = "triton"
         elif x.device.type == "cpu" and cpu_int4pack_supported(out_features, in_features, group_size):
-            backend = "cpu"
+            backend = "dequantized" if x.numel() >= DEQUANTIZED_MIN_ROWS * in_features else "cpu"
         else:
             backend = "reference"
-    if backend == "cpu" and not cpu_int4pack_supported(out_features, in_features, group_size):
+    tiled = backend in ("cpu", "dequantized")  # the backends that read torch's CPU tile layout
+    if tiled and not cpu_int4pack_supported(out_features, in_features, group_size):
         raise ValueError(
-            f"The fused CPU int4 kernel needs out_features divisible by 16 and in_features by the group size; "
+            f"The CPU int4 paths need out_features divisible by 16 and in_features by the group size; "
             f"got {out_features} x {in_features} with group size {group_size}."
         )
     # Each backend reads one layout; converting here is slow and only happens when a test forces a backend.
-    if backend == "cpu" and layout == CANONICAL:
+    if tiled and layout == CANONICAL:
         weight, layout = to_cpu_int4pack(weight), CPU_TILED
-    elif backend != "cpu" and layout == CPU_TILED:
+    elif not tiled and layout == CPU_TILED:
         weight, layout = from_cpu_int4pack(weight), CANONICAL
     flat = x.reshape(-1, in_features)  # [M, K]
     if backend == "triton":
@@ -128,6 +138,8 @@ def int4_linear(
         out = int4_matmul_triton(flat, weight, scales_and_zeros, group_size)
     elif backend == "cpu":
         out = _in_bf16(flat, lambda x: int4_matmul_cpu(x, weight, scales_and_zeros, group_size))
+    elif backend == "dequantized":
+        out = int4_matmul_dequantized(flat, weight, scales_and_zeros, group_size)
     else:
         out = int4_matmul_ref(flat, weight, scales_and_zeros, group_size)
     return out.reshape(*x.shape[:-1], out_features)

@@ -8,6 +8,11 @@ Canonical (checkpoint) format, independent of the device:
 torch's fused CPU kernel wants its own tiled nibble order; `to_cpu_int4pack` converts at load time and
 `from_cpu_int4pack` converts back when a CPU-resident model is saved. The Triton kernel (`kernels/triton_int4.py`)
 reads the canonical format directly.
+
+From DEQUANTIZED_MIN_ROWS rows on (prefill), the CPU instead dequantizes the layer to bfloat16 straight from that
+tile layout, each tile already transposed as a matmul wants it, and runs one bfloat16 matmul
+(`int4_matmul_dequantized`): the fused kernel's cost grows with the rows as a matmul's does, at about a third of
+bfloat16's speed, while dequantizing costs a few passes over the weight, once per call.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 # torch's CPU packing interleaves rows in tiles of 32 or 64; the rows after the last full tile are a multiple of 16.
 CPU_ROW_MULTIPLE = 16
+DEQUANTIZED_MIN_ROWS = 128  # from here on dequantizing + a bfloat16 matmul beats the fused kernel (bench quant)
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -123,3 +129,37 @@ def int4_matmul_cpu(x: torch.Tensor, cpu_packed: torch.Tensor, scales_and_zeros:
                     group_size: int) -> torch.Tensor:
     """torch's fused CPU kernel on weights already in its tile layout (`to_cpu_int4pack`). x [M, K] -> [M, N]."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu_packed, group_size, scales_and_zeros.to(x.dtype))
+
+
+def int4_matmul_dequantized(x: torch.Tensor, cpu_packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                            group_size: int, block: int | None = None) -> torch.Tensor:
+    """The weight in torch's CPU tile layout (`to_cpu_int4pack`; `block` its row tile, this machine's by default)
+    dequantized to bfloat16 for this call only, then x @ it in bfloat16. x [M, K] -> [M, N] in x's dtype.
+
+    A full tile of B rows is stored [K, B/2]: its low nibbles are rows 0..B/2-1 and its high nibbles rows B/2..B-1,
+    so splitting the nibbles gives that tile's transposed weight [K, B] with no reordering; the tail rows hold rows
+    2i and 2i+1 in byte i of each of their K lines, so they give [K, R] the same way."""
+    block = block or cpu_int4pack_block()
+    if block is None:
+        raise RuntimeError("torch's CPU int4 layout on this machine is not one this suite knows.")
+    rows, half_k = cpu_packed.shape
+    in_features, groups = 2 * half_k, 2 * half_k // group_size
+    full = rows // block * block
+    scale = scales_and_zeros[..., 0].float()  # [K/G, N]
+    offset = scales_and_zeros[..., 1].float() - 8 * scale  # w = q * scale + offset
+    weight_t = torch.empty(in_features, rows, dtype=torch.bfloat16)  # [K, N], what x @ wants
+    if full:
+        tiles = full // block
+        packed = cpu_packed[:full].reshape(tiles, in_features, block // 2)  # [T, K, B/2]
+        values = torch.cat([packed & 0xF, packed >> 4], dim=2).view(tiles, groups, group_size, block).float()
+        tile_scale = scale[:, :full].reshape(groups, tiles, 1, block).transpose(0, 1).contiguous()  # [T, K/G, 1, B]
+        tile_offset = offset[:, :full].reshape(groups, tiles, 1, block).transpose(0, 1).contiguous()
+        values = torch.addcmul(tile_offset, values, tile_scale, out=values)  # [T, K/G, G, B]
+        weight_t[:, :full].view(in_features, tiles, block).copy_(values.view(tiles, in_features, block).transpose(0, 1))
+    if rows > full:
+        tail = rows - full
+        packed = cpu_packed[full:].reshape(in_features, tail // 2)  # [K, R/2]
+        values = torch.stack([packed & 0xF, packed >> 4], dim=2).view(groups, group_size, tail).float()
+        values = torch.addcmul(offset[:, None, full:], values, scale[:, None, full:], out=values)  # [K/G, G, R]
+        weight_t[:, full:].copy_(values.view(in_features, tail))
+    return (x.to(torch.bfloat16) @ weight_t).to(x.dtype)

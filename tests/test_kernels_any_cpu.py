@@ -1,13 +1,20 @@
 """Quantized kernels on every x86 CPU: torch's CPU int4 tile layout in both of its forms (tiles of 32 rows on AVX2,
-64 on AVX-512; each checked on any machine against the layout written out slowly here), and INT8 layers of any
-input width on the fused kernel."""
+64 on AVX-512; each checked on any machine against the layout written out slowly here), the int4 prefill path that
+dequantizes from either form, and INT8 layers of any input width on the fused kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.int4 import cpu_int4pack_block, from_cpu_int4pack, pack_int4, to_cpu_int4pack
+from kernels.int4 import (
+    cpu_int4pack_block,
+    from_cpu_int4pack,
+    int4_matmul_dequantized,
+    int4_matmul_ref,
+    pack_int4,
+    to_cpu_int4pack,
+)
 from kernels.int8 import int8_matmul_ref
 from multimodal.quantize import Int8WeightOnlyLinear, QuantSpec, quantize_linear
 
@@ -43,6 +50,21 @@ def test_this_cpu_uses_one_of_the_known_tilings(generator):
     assert block in (32, 64), "torch's int4 layout on this CPU is not one the suite knows: INT4 would run slowly"
     values = torch.randint(0, 16, (block + 16, 32), generator=generator).to(torch.uint8)
     assert torch.equal(to_cpu_int4pack(pack_int4(values)), _slow_cpu_tiles(values, block))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("rows,in_features,group_size", [(48, 64, 32), (144, 256, 64), (64, 128, 128), (16, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantized_path_reads_both_tilings(block, rows, in_features, group_size, dtype, generator):
+    values = torch.randint(0, 16, (rows, in_features), generator=generator).to(torch.uint8)
+    scales_and_zeros = torch.randn(in_features // group_size, rows, 2, generator=generator) * 0.05
+    x = torch.randn(5, in_features, generator=generator).to(dtype)
+    reference = int4_matmul_ref(x.float(), pack_int4(values), scales_and_zeros, group_size).double()
+    out = int4_matmul_dequantized(x, _slow_cpu_tiles(values, block), scales_and_zeros, group_size, block)
+    assert out.dtype == dtype and out.shape == (5, rows)
+    # bfloat16 weights and activations, float32 sums: relative error at bfloat16's rounding; a row or a nibble in
+    # the wrong place is off by the size of the result itself.
+    assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("in_features", [33, 48, 7])

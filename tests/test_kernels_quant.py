@@ -5,6 +5,7 @@ import torch
 
 from kernels.dispatch import CANONICAL, CPU_TILED, int4_linear, int8_linear
 from kernels.int4 import (
+    DEQUANTIZED_MIN_ROWS,
     cpu_int4pack_layout_known,
     dequantize_int4,
     from_cpu_int4pack,
@@ -127,6 +128,8 @@ def test_int8_auto_takes_the_planes_from_their_row_count_and_the_fused_kernel_be
             torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
                 torch.bfloat16, out))
     assert calls == ["cpu", "cpu", "planes", "planes"]
+    with pytest.raises(ValueError, match="int4 weights"):
+        int8_linear(torch.randn(2, 64), weight, scales, backend="dequantized")
     with pytest.raises(ValueError, match="int8 weights"):
         int4_linear(torch.randn(2, 64), *_random_int4(16, 64, 32, generator), 32, backend="planes")
 
@@ -214,13 +217,34 @@ def test_dispatch_handles_leading_dims_and_every_backend_agrees():
                                    rtol=1e-6, atol=1e-6)
 
 
+@known_int4_layout
+def test_int4_auto_dequantizes_from_its_row_count_and_keeps_the_fused_kernel_below():
+    generator = torch.Generator().manual_seed(13)
+    packed, scales_and_zeros = _random_int4(32, 64, 32, generator)
+    tiled = to_cpu_int4pack(packed)
+    calls = []
+    import kernels.dispatch as dispatch
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("int4_matmul_cpu", "int4_matmul_dequantized"):
+            original = getattr(dispatch, name)
+            patch.setattr(dispatch, name, lambda *args, name=name, original=original: calls.append(name) or original(
+                *args))
+        for rows in (1, DEQUANTIZED_MIN_ROWS - 1, DEQUANTIZED_MIN_ROWS):
+            x = torch.randn(rows, 64, generator=generator)
+            out = int4_linear(x, tiled, scales_and_zeros, 32, CPU_TILED)
+            assert _relative_error(out, int4_matmul_ref(x, packed, scales_and_zeros, 32)) < 5e-3
+    assert calls == ["int4_matmul_cpu", "int4_matmul_cpu", "int4_matmul_dequantized"]
+
+
 def test_int4_odd_rows_fall_back_to_reference_and_forcing_the_fused_kernel_is_a_clear_error():
     generator = torch.Generator().manual_seed(5)
     packed, scales_and_zeros = _random_int4(17, 64, 32, generator)  # 17 rows: the fused CPU kernel refuses
     x = torch.randn(3, 64, generator=generator)
     out = int4_linear(x, packed, scales_and_zeros, 32)
     torch.testing.assert_close(out, int4_matmul_ref(x, packed, scales_and_zeros, 32))
-    with pytest.raises(ValueError, match="divisible by 16"):
-        int4_linear(x, packed, scales_and_zeros, 32, backend="cpu")
+    for backend in ("cpu", "dequantized"):
+        with pytest.raises(ValueError, match="divisible by 16"):
+            int4_linear(x, packed, scales_and_zeros, 32, backend=backend)
     with pytest.raises(ValueError, match="Unknown kernel backend"):
         int4_linear(x, packed, scales_and_zeros, 32, backend="cuda")
