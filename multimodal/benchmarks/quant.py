@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "planes", "reference", "triton"),
                         help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
+    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "cpu", "dequantized", "reference", "triton"),
+                        help="the int4 variant's kernel path (cpu: the fused kernel at every batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
     parser.set_defaults(func=run)
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"int8 kernel {args.int8_kernel}, "
+          f"int8 kernel {args.int8_kernel}, int4 kernel {args.int4_kernel}, "
           f"greedy, best of {args.repeats}; excluded from quantization: {', '.join(args.exclude) or 'nothing'}")
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -121,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
     set_backend(models["int8"], args.int8_kernel)
+    set_backend(models[f"int4 g{args.group_size}"], args.int4_kernel)
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model))
