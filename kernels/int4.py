@@ -147,7 +147,7 @@ def int4_matmul_dequantized(x: torch.Tensor, cpu_packed: torch.Tensor, scales_an
     full = rows // block * block
     scale = scales_and_zeros[..., 0].float()  # [K/G, N]
     offset = scales_and_zeros[..., 1].float() - 8 * scale  # w = q * scale + offset
-    weight_t = torch.empty(in_features, rows, dtype=torch.bfloat16)  # [K, N], what x @ wants
+    weight_t = torch.empty(in_features, rows, dtype=torch.bfloat16, device=x.device)  # [K, N], what x @ wants
     if full:
         tiles = full // block
         packed = cpu_packed[:full].reshape(tiles, in_features, block // 2)  # [T, K, B/2]
