@@ -11,7 +11,7 @@ reads the canonical format directly.
 
 From DEQUANTIZED_MIN_ROWS rows on (prefill), the CPU instead dequantizes the layer to bfloat16 straight from that
 tile layout, each tile already transposed as a matmul wants it, and runs one bfloat16 matmul
-(`int4_matmul_dequantized`): the fused kernel's cost grows with the rows as a matmul's does, at about a third of
+(`int4_matmul_dequantized`): the fused kernel's cost grows with the rows as a matmul's does, at under half of
 bfloat16's speed, while dequantizing costs a few passes over the weight, once per call.
 """
 
