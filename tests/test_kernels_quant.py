@@ -107,27 +107,30 @@ def test_int8_planes_match_the_float64_linear(rows, out_features, in_features, d
     assert ((out.double() - expected).abs() <= plane_bound + rounding + 1e-7).all()
 
 
+def _record_calls(patch: pytest.MonkeyPatch, names: tuple[str, ...], calls: list[str]) -> None:
+    """Wrap these kernels of `kernels.dispatch` so each call appends its name to `calls`."""
+    import kernels.dispatch as dispatch
+
+    for name in names:
+        def recorded(*args, name=name, kernel=getattr(dispatch, name)):
+            calls.append(name)
+            return kernel(*args)
+
+        patch.setattr(dispatch, name, recorded)
+
+
 def test_int8_auto_takes_the_planes_from_their_row_count_and_the_fused_kernel_below():
     generator = torch.Generator().manual_seed(12)
     weight, scales = _random_int8(32, 64, generator)
     calls = []
-
-    def spy(name, fn):
-        def wrapped(*args):
-            calls.append(name)
-            return fn(*args)
-        return wrapped
-
-    import kernels.dispatch as dispatch
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dispatch, "int8_matmul_planes", spy("planes", int8_matmul_planes))
-        patch.setattr(dispatch, "int8_matmul_cpu", spy("cpu", int8_matmul_cpu))
+        _record_calls(patch, ("int8_matmul_cpu", "int8_matmul_planes"), calls)
         for rows in (1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40):
             x = torch.randn(rows, 64, generator=generator)
             out = int8_linear(x, weight, scales)
             torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
                 torch.bfloat16, out))
-    assert calls == ["cpu", "cpu", "planes", "planes"]
+    assert calls == ["int8_matmul_cpu", "int8_matmul_cpu", "int8_matmul_planes", "int8_matmul_planes"]
     with pytest.raises(ValueError, match="int4 weights"):
         int8_linear(torch.randn(2, 64), weight, scales, backend="dequantized")
     with pytest.raises(ValueError, match="int8 weights"):
@@ -223,13 +226,8 @@ def test_int4_auto_dequantizes_from_its_row_count_and_keeps_the_fused_kernel_bel
     packed, scales_and_zeros = _random_int4(32, 64, 32, generator)
     tiled = to_cpu_int4pack(packed)
     calls = []
-    import kernels.dispatch as dispatch
-
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("int4_matmul_cpu", "int4_matmul_dequantized"):
-            original = getattr(dispatch, name)
-            patch.setattr(dispatch, name, lambda *args, name=name, original=original: calls.append(name) or original(
-                *args))
+        _record_calls(patch, ("int4_matmul_cpu", "int4_matmul_dequantized"), calls)
         for rows in (1, DEQUANTIZED_MIN_ROWS - 1, DEQUANTIZED_MIN_ROWS):
             x = torch.randn(rows, 64, generator=generator)
             out = int4_linear(x, tiled, scales_and_zeros, 32, CPU_TILED)

@@ -105,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     float_model = GLMModel(config).init_weights(generator=generator).to(device=args.device, dtype=dtype).eval()
     prompts = torch.randint(1, config.vocab_size, (args.batch_size, args.prompt_len), generator=generator)
+    int4_name = f"int4 g{args.group_size}"
     variants = [
         ("float", None),
         ("int8", QuantSpec("int8", exclude=tuple(args.exclude))),
-        (f"int4 g{args.group_size}", QuantSpec("int4", args.group_size, tuple(args.exclude))),
+        (int4_name, QuantSpec("int4", args.group_size, tuple(args.exclude))),
     ]
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
     set_backend(models["int8"], args.int8_kernel)
-    set_backend(models[f"int4 g{args.group_size}"], args.int4_kernel)
+    set_backend(models[int4_name], args.int4_kernel)
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model))
