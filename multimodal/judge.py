@@ -8,6 +8,10 @@ captions only. Three measures come from it:
   distinct objects named (a generated dog wearing a hat must rank "a dog" and "a top hat" in its top two).
 - An image feature space for a Frechet (FID-style) distance between generated and rendered images.
 
+Every image is seen in `VIEWS`: itself and four copies shifted by two pixels (edges repeated), whose features are
+averaged. A single view misplaces a small object's patch boundaries by chance; on 1,000 rendered val scenes the
+views took the judge's presence accuracy from 0.979 to 0.987 (one-pixel shifts: 0.983).
+
 Texts are tokenized with the suite's world tokenizer; `<eop>` closes every text and its position is pooled.
 """
 
@@ -29,6 +33,8 @@ from multimodal.world import CLASSES, VOCABULARY
 KIND = "judge"
 EOS_TOKEN = "<eop>"
 PAD_ID = 0  # <|endoftext|>
+VIEW_SHIFT = 2  # pixels
+VIEWS = ((0, 0), (VIEW_SHIFT, 0), (-VIEW_SHIFT, 0), (0, VIEW_SHIFT), (0, -VIEW_SHIFT))  # (dx, dy) of each view
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,18 @@ class Judge:
 
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-        """Unit-norm image embeddings [B, embed_dim]; accepts PIL images or a [B, 3, H, W] tensor in [-1, 1]."""
+        """Unit-norm image embeddings [B, embed_dim], the mean over `VIEWS`; accepts PIL images or a [B, 3, H, W]
+        tensor in [-1, 1]."""
+        size = self.config.image_size
         if not isinstance(images, torch.Tensor):
-            images = image_batch(images, self.config.image_size)
-        elif images.shape[-1] != self.config.image_size:
-            images = F.interpolate(images, size=self.config.image_size, mode="bilinear", antialias=True)
-        return self.model.encode_image(images.float(), normalize=True)
+            images = image_batch(images, size)
+        elif images.shape[-1] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
+        padded = F.pad(images.float(), (VIEW_SHIFT,) * 4, mode="replicate")  # [B, 3, S + 4, S + 4]
+        views = torch.cat([padded[:, :, VIEW_SHIFT + dy:VIEW_SHIFT + dy + size, VIEW_SHIFT + dx:VIEW_SHIFT + dx + size]
+                           for dx, dy in VIEWS])  # [V * B, 3, S, S]
+        features = self.model.encode_image(views, normalize=True).view(len(VIEWS), len(images), -1)  # [V, B, D]
+        return F.normalize(features.mean(0), dim=-1)
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from PIL import Image
 from multimodal.assets import load_world_tokenizer
 from multimodal.checkpoint import save_native
 from multimodal.evaluation import caption_f1, iou, normalise_answer
-from multimodal.judge import EOS_TOKEN, Judge, JudgeConfig, build_judge, frechet_distance, load_judge
+from multimodal.judge import EOS_TOKEN, VIEWS, Judge, JudgeConfig, build_judge, frechet_distance, load_judge
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,21 @@ def test_saved_judge_loads_and_gives_the_same_features(tmp_path, tokenizer, gene
     torch.testing.assert_close(loaded.text_features(texts), Judge(model, tokenizer, config).text_features(texts))
     scores = loaded.clip_score(images, texts)
     assert scores.shape == (3,) and (scores >= 0).all() and (scores <= 100).all()
+
+
+def test_image_features_average_the_shifted_views(tokenizer, generator):
+    config = _tiny(tokenizer)
+    judge = Judge(build_judge(config), tokenizer, config)
+    images = torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1
+    views = []
+    for dx, dy in VIEWS:  # each view shows pixel (y + dy, x + dx), clamped to the edge
+        rows = (torch.arange(32) + dy).clamp(0, 31)
+        cols = (torch.arange(32) + dx).clamp(0, 31)
+        views.append(judge.model.encode_image(images[:, :, rows][:, :, :, cols], normalize=True))
+    expected = torch.stack(views).double().mean(0)
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(judge.image_features(images).double(), expected, atol=1e-5, rtol=1e-5)
+    assert len(set(VIEWS)) == 5 and (0, 0) in VIEWS
 
 
 def test_presence_is_top_k_ranking_of_single_object_prompts(tokenizer, generator):
