@@ -20,26 +20,41 @@ from glm.model import GLMModel, KVCache
 
 
 class PackedLinear(nn.Module):
-    """Inference-only CPU linear whose float32 or bfloat16 weight is reordered once into oneDNN's blocked layout.
+    """Inference-only CPU linear for float32 or bfloat16 weights: oneDNN's prepacked matmul for many rows, the decode
+    kernel of `kernels/cpu_gemv.py` for one.
 
     MKL's sgemm (PyTorch's default CPU path for float32 `F.linear`) is slow on some CPUs (AMD, batch > 1); oneDNN
-    with a prepacked weight is several times faster there for prefill and batched decode, and equal at batch 1.
-    For bfloat16 at batch 1 the prepacked path decodes about 1.5x faster on one Zen 5 core (`multimodal bench quant`,
-    README). Results differ from `F.linear` only by summation order.
+    with a weight reordered once into its blocked layout is several times faster there for prefill and batched
+    decode. A single row (decode at batch 1) is a stream of weight bytes, which the gemv kernel reads about 1.8x
+    faster than oneDNN on one Zen 5 core (`multimodal bench quant`, README); so the plain weight is kept beside the
+    packed one where that kernel builds, at twice the weight memory. Results differ from `F.linear` only by
+    summation order.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, decode_kernel: bool = True):
         super().__init__()
+        from kernels import cpu_gemv
+
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # not a parameter
+        keep = decode_kernel and cpu_gemv.available()
+        self.plain = linear.weight.detach() if keep else None  # [N, K], for single rows
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None and x.numel() == self.in_features:
+            from kernels.cpu_gemv import float_gemv
+
+            out = float_gemv(x, self.plain)  # [1, N] float32
+            if self.bias is not None:
+                out = out + self.bias
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Swap every float32 or bfloat16 CPU `nn.Linear` for a `PackedLinear` (in place; inference only, not saveable).
+def pack_for_cpu(model: nn.Module, decode_kernel: bool = True) -> nn.Module:
+    """Swap every float32 or bfloat16 CPU `nn.Linear` for a `PackedLinear` (in place; inference only, not saveable);
+    `decode_kernel=False` keeps single rows on oneDNN too.
 
     Does nothing where oneDNN is unavailable; apply it after quantization or TP passes, never before.
     """
@@ -49,7 +64,7 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if (isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16)
                     and child.weight.is_cpu):
-                setattr(module, name, PackedLinear(child))
+                setattr(module, name, PackedLinear(child, decode_kernel))
     return model
 
 

@@ -3,19 +3,22 @@
 Backends:
 - "reference": dequantize to float32 and matmul (any device, any shape; slow, the ground truth).
 - "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+- "gemv" (int8 only): the decode kernel of `kernels/cpu_gemv.py` for a few rows (built on first use; int8 weights
+  times int16-rounded activations, in integers where the CPU has AVX2).
 - "planes" (int8 only): integer matmuls on two int8 planes of the activations (`kernels.int8.int8_matmul_planes`).
 - "dequantized" (int4 only): the CPU-tiled weight dequantized to bfloat16 per call, then a bfloat16 matmul
   (`kernels.int4.int4_matmul_dequantized`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-- "auto": Triton on CUDA when Triton is installed; on the CPU, for int8 the planes path from PLANES_MIN_ROWS rows
-  and the fused kernel below, for int4 (where the shape allows the tile layout) the dequantized path from
-  DEQUANTIZED_MIN_ROWS rows and the fused kernel below; otherwise the reference. A shape a fused CPU kernel refuses
-  (int4: N not a multiple of 16, or a tile layout it does not know; int8: K not a multiple of 16) silently takes
-  the reference path, so no model crashes on an odd projection; it is only slower there. Forcing "cpu" on such a
-  shape is a ValueError.
+- "auto": Triton on CUDA when Triton is installed. On the CPU, for int8: the gemv kernel up to GEMV_MAX_ROWS rows
+  (where it builds; any K), the planes path from PLANES_MIN_ROWS rows, the fused kernel between; for int4 (where the
+  shape allows the tile layout): the dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
+  Otherwise the reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does
+  not know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd
+  projection; it is only slower there. Forcing "cpu" on such a shape is a ValueError.
 
 The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The fused CPU kernels compute
-in bfloat16 whatever x's dtype (`_in_bf16`), as does the dequantized path; the planes path takes x as it comes.
+in bfloat16 whatever x's dtype (`_in_bf16`), as does the dequantized path; the planes and gemv paths take x as it
+comes.
 The bias is not handled here: the modules in `multimodal/quantize.py` add it after the matmul.
 """
 
@@ -25,6 +28,7 @@ import importlib.util
 
 import torch
 
+from kernels import cpu_gemv
 from kernels.int4 import (
     DEQUANTIZED_MIN_ROWS,
     cpu_int4pack_supported,
@@ -42,7 +46,10 @@ from kernels.int8 import (
     int8_matmul_ref,
 )
 
-BACKENDS = ("auto", "reference", "cpu", "planes", "dequantized", "triton")
+BACKENDS = ("auto", "reference", "cpu", "gemv", "planes", "dequantized", "triton")
+# Up to here the gemv kernel beats the fused one (it passes over the weights once per 4 rows but its work grows with
+# the rows; at 4 rows the two are even: `multimodal bench quant --batch-size`).
+GEMV_MAX_ROWS = 2
 CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
 
 
@@ -71,6 +78,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
     if backend == "auto":
         if x.is_cuda and triton_available():
             backend = "triton"
+        elif x.device.type == "cpu" and x.numel() <= GEMV_MAX_ROWS * in_features and cpu_gemv.available():
+            backend = "gemv"
         elif x.device.type == "cpu" and x.numel() >= PLANES_MIN_ROWS * in_features:
             backend = "planes"
         elif x.device.type == "cpu" and cpu_int8pack_supported(in_features):
@@ -78,10 +87,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
         else:
             backend = "reference"
     if backend == "dequantized":
-        raise ValueError("The dequantized path reads int4 weights; int8 layers take auto, reference, cpu, planes or "
-                         "triton.")
-    if backend == "planes" and x.device.type != "cpu":
-        raise ValueError("The int8 planes path runs on the CPU only.")
+        raise ValueError("The dequantized path reads int4 weights; int8 layers take auto, reference, cpu, gemv, "
+                         "planes or triton.")
+    if backend in ("planes", "gemv") and x.device.type != "cpu":
+        raise ValueError(f"The int8 {backend} path runs on the CPU only.")
+    if backend == "gemv" and not cpu_gemv.available():
+        raise ValueError("The gemv path needs kernels/csrc/gemv.c built, and no C compiler could build it.")
     if backend == "cpu" and not cpu_int8pack_supported(in_features):
         raise ValueError(f"The fused CPU int8 kernel needs in_features divisible by 16; got {in_features}.")
     flat = x.reshape(-1, in_features)  # [M, K]
@@ -93,6 +104,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
         out = _in_bf16(flat, lambda x: int8_matmul_cpu(x, weight, scales))
     elif backend == "planes":
         out = int8_matmul_planes(flat, weight, scales)
+    elif backend == "gemv":
+        out = cpu_gemv.int8_gemv(flat, weight, scales).to(x.dtype)
     else:
         out = int8_matmul_ref(flat, weight, scales)
     return out.reshape(*x.shape[:-1], weight.shape[0])
@@ -108,8 +121,8 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., K] @ dequantized(weight uint8 [N, K/2] in `layout`, scales_and_zeros [K/G, N, 2]).T -> [..., N]."""
     _check_backend(backend)
-    if backend == "planes":
-        raise ValueError("The planes path multiplies int8 weights; int4 layers take auto, reference, cpu, "
+    if backend in ("planes", "gemv"):
+        raise ValueError(f"The {backend} path multiplies int8 weights; int4 layers take auto, reference, cpu, "
                          "dequantized or triton.")
     out_features = weight.shape[0]
     in_features = x.shape[-1]

@@ -174,6 +174,14 @@ def test_packed_cpu_linears_match_plain_model():
         torch.testing.assert_close(packed(ids), model(ids), atol=1e-4, rtol=1e-5)
     config = SamplingConfig(max_new_tokens=12)
     assert generate(packed, prompts, config) == generate(model, prompts, config)
+    # one row per step: the decode kernel where it builds
+    assert generate(packed, prompts[:1], config) == generate(model, prompts[:1], config)
+    plain = torch.nn.Linear(37, 21)
+    for rows in ((1, 1, 37), (4, 37)):  # the decode kernel, then oneDNN
+        x = torch.randn(rows)
+        with torch.no_grad():
+            expected = x.double() @ plain.weight.double().T + plain.bias.double()
+            torch.testing.assert_close(PackedLinear(plain)(x).double(), expected, rtol=1e-5, atol=1e-5)
     # bfloat16 weights pack too: the same logits to bfloat16's rounding of the output
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     packed_bf16 = pack_for_cpu(copy.deepcopy(bf16))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.dispatch import CANONICAL, CPU_TILED, int4_linear, int8_linear
+from kernels.dispatch import CANONICAL, CPU_TILED, GEMV_MAX_ROWS, int4_linear, int8_linear
 from kernels.int4 import (
     DEQUANTIZED_MIN_ROWS,
     cpu_int4pack_layout_known,
@@ -125,7 +125,7 @@ def test_int8_auto_takes_the_planes_from_their_row_count_and_the_fused_kernel_be
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         _record_calls(patch, ("int8_matmul_cpu", "int8_matmul_planes"), calls)
-        for rows in (1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40):
+        for rows in (GEMV_MAX_ROWS + 1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40):  # fewer: tests/test_cpu_gemv.py
             x = torch.randn(rows, 64, generator=generator)
             out = int8_linear(x, weight, scales)
             torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(

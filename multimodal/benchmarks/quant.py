@@ -1,9 +1,11 @@
 """`multimodal bench quant`: weight bytes and greedy decode tokens/s of one GLM in float, INT8 and INT4, in one run.
 
 All three variants are the same random-weight model: the float one in `--dtype` (on the CPU with its linears
-prepacked for oneDNN, `glm.generate.pack_for_cpu`, our float path there), the others quantized from it with the
-output layer included (unless `--exclude` says otherwise) and run with `--dtype` activations on the default kernel
-path (torch's fused CPU kernels on the CPU, Triton on CUDA). Reported per variant:
+prepacked for oneDNN and single rows on the decode kernel, `glm.generate.pack_for_cpu`, our float path there), the
+others quantized from it with the output layer included (unless `--exclude` says otherwise) and run with `--dtype`
+activations on the default kernel path (`kernels.dispatch`: on the CPU the decode kernel for one or two rows and
+torch's fused kernels or the planes path above; Triton on CUDA). `--float-kernel onednn`, `--int8-kernel cpu` and
+`--int4-kernel cpu` give the paths before the decode kernels, for a comparison in one run. Reported per variant:
 - weights MB: every tensor of the state dict;
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
@@ -42,7 +44,11 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "planes", "reference", "triton"),
+    parser.add_argument("--float-kernel", default="auto", choices=("auto", "onednn"),
+                        help="the float variant's CPU path (onednn: prepacked oneDNN at every batch; auto: the decode "
+                             "kernel for single rows)")
+    parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "gemv", "planes", "reference",
+                                                                  "triton"),
                         help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "cpu", "dequantized", "reference", "triton"),
                         help="the int4 variant's kernel path (cpu: the fused kernel at every batch)")
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"int8 kernel {args.int8_kernel}, int4 kernel {args.int4_kernel}, "
+          f"float kernel {args.float_kernel}, int8 kernel {args.int8_kernel}, int4 kernel {args.int4_kernel}, "
           f"greedy, best of {args.repeats}; excluded from quantization: {', '.join(args.exclude) or 'nothing'}")
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     set_backend(models[int4_name], args.int4_kernel)
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
-        models["float"] = pack_for_cpu(copy.deepcopy(float_model))
+        models["float"] = pack_for_cpu(copy.deepcopy(float_model), decode_kernel=args.float_kernel == "auto")
     speeds = tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
         reference_logits = float_model(prompts.to(args.device)).float()

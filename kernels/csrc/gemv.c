@@ -1,0 +1,270 @@
+/* Matrix-vector products for decode on the CPU: y[m, n] = sum_k x[m, k] * w[n, k] (times scale[n] for int8), for a
+ * few activation rows and weights stored int8, bfloat16 or float32 row-major [N, K].
+ *
+ * At batch 1 a decode step is a stream of weight bytes: the kernel is fast when it widens and multiplies weights as
+ * fast as memory delivers them. Each output row keeps UNROLL independent accumulators (a fused multiply-add waits
+ * ~4 cycles for its previous result), and up to MAX_ROWS activation rows share one read of a weight row.
+ *
+ * int8 weights multiply in integers where the CPU has AVX2: each activation row is first rounded to
+ * int16 under one scale (x = scale * q, |q| <= 32767; the error, max|x_row| / 65534 per element, is 128x finer than
+ * bfloat16's rounding), then `vpmaddwd` multiplies 16 weight-activation pairs per instruction into int32 sums,
+ * which move into float sums every FLUSH_STEPS steps, long before they could overflow. Widening int8 to float
+ * instead costs three instructions per 8 weights and cannot keep up with memory on one core.
+ *
+ * The rest is GCC vector extensions, so one source builds for any target, and `-march=native` picks the code for
+ * the CPU at hand (`kernels/cpu_gemv.py` builds it; the tests also build it for AVX2 alone and for plain x86-64, the
+ * paths this CPU does not take). Vectors are 256 bits wide even where AVX-512 exists: on Zen 5 the 512-bit versions
+ * of these loops measured slower, for int8 and bfloat16 weights alike. Threads split the output rows (OpenMP).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define LANES 8   /* floats per vector */
+#define UNROLL 4  /* vectors per step, and accumulators per activation row */
+#define STEP (LANES * UNROLL)
+#define MAX_ROWS 4 /* activation rows per pass over a weight row; more rows take another pass, from cache */
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+typedef int8_t v8 __attribute__((vector_size(LANES)));
+typedef uint16_t v16 __attribute__((vector_size(LANES * 2)));
+
+enum { INT8 = 0, BF16 = 1, F32 = 2 };
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE vf load_floats(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE vf widen_int8(const int8_t *p) {
+#if defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    v8 b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vi), vf);
+#endif
+}
+
+INLINE vf widen_bf16(const uint16_t *p) { /* a bfloat16 is the top half of a float32 */
+#if defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
+    v16 h;
+    memcpy(&h, p, sizeof h);
+    vu wide = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+#endif
+}
+
+/* LANES weights from element k of a weight row, as floats. */
+INLINE vf load_weights(const void *row, int64_t k, int kind) {
+    if (kind == INT8) return widen_int8((const int8_t *)row + k);
+    if (kind == BF16) return widen_bf16((const uint16_t *)row + k);
+    return load_floats((const float *)row + k);
+}
+
+INLINE float weight_at(const void *row, int64_t k, int kind) {
+    if (kind == INT8) return (float)((const int8_t *)row)[k];
+    if (kind == BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)row)[k] << 16;
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        return f;
+    }
+    return ((const float *)row)[k];
+}
+
+INLINE float horizontal_sum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+/* out[r] = dot(activation row r, weight row) for `rows` activation rows (a constant once inlined). */
+INLINE void dot_rows(const float *x, int64_t K, int rows, const void *row, int kind, float *out) {
+    vf acc[MAX_ROWS][UNROLL];
+    for (int r = 0; r < rows; r++)
+        for (int u = 0; u < UNROLL; u++) acc[r][u] = (vf){0};
+    int64_t k = 0;
+    for (; k + STEP <= K; k += STEP) {
+        vf w[UNROLL];
+#pragma GCC unroll 4
+        for (int u = 0; u < UNROLL; u++) w[u] = load_weights(row, k + u * LANES, kind);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < UNROLL; u++) acc[r][u] += w[u] * load_floats(x + r * K + k + u * LANES);
+    }
+    for (; k + LANES <= K; k += LANES) {
+        vf w = load_weights(row, k, kind);
+        for (int r = 0; r < rows; r++) acc[r][0] += w * load_floats(x + r * K + k);
+    }
+    for (int r = 0; r < rows; r++) {
+        vf total = acc[r][0];
+        for (int u = 1; u < UNROLL; u++) total += acc[r][u];
+        float s = horizontal_sum(total);
+        for (int64_t t = k; t < K; t++) s += weight_at(row, t, kind) * x[r * K + t];
+        out[r] = s;
+    }
+}
+
+/* Output n of every activation row. `kind` is a literal at each call site, so each weight type gets its own code. */
+INLINE void output_column(const float *x, const void *w, const float *scale, float *y, int64_t M, int64_t N,
+                          int64_t K, int64_t n, int kind) {
+    const int64_t row_bytes = K * (kind == INT8 ? 1 : kind == BF16 ? 2 : 4);
+    const void *row = (const char *)w + n * row_bytes;
+    float out[MAX_ROWS];
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+        const float *xr = x + m0 * K;
+        switch (rows) { /* constant row counts, so the accumulators stay in registers */
+            case 1: dot_rows(xr, K, 1, row, kind, out); break;
+            case 2: dot_rows(xr, K, 2, row, kind, out); break;
+            case 3: dot_rows(xr, K, 3, row, kind, out); break;
+            default: dot_rows(xr, K, 4, row, kind, out); break;
+        }
+        for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = scale ? out[r] * scale[n] : out[r];
+    }
+}
+
+#if defined(__AVX2__)
+typedef __m256i vint;
+#define PAIRS 16 /* int16 pairs per register */
+#define LOAD_WIDEN(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define LOAD_Q(p) _mm256_loadu_si256((const __m256i *)(p))
+#define MADD_ADD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define ZERO() _mm256_setzero_si256()
+#define TO_FLOATS(v, out) _mm256_storeu_ps(out, _mm256_cvtepi32_ps(v))
+#define Q_MAX 32767.0f
+#define FLUSH_STEPS 64 /* an int32 lane gains <= 2 * 127 * 32767 per step: 64 steps stay below 2^31 / 4 */
+
+/* Round each activation row to int16: x[m, :] = scales[m] * q[m, :]. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *scales) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float largest = 0.0f;
+        for (int64_t k = 0; k < K; k++) largest = fmaxf(largest, fabsf(row[k]));
+        const float scale = largest > 0.0f ? largest / Q_MAX : 1.0f;
+        for (int64_t k = 0; k < K; k++) q[m * K + k] = (int16_t)lrintf(row[k] / scale);
+        scales[m] = scale;
+    }
+}
+
+INLINE float sum_lanes(vint v) {
+    float lanes[PAIRS / 2];
+    TO_FLOATS(v, lanes);
+    float s = 0.0f;
+    for (int i = 0; i < PAIRS / 2; i++) s += lanes[i];
+    return s;
+}
+
+/* out[r] = dot(q row r, weight row) for `rows` rows (a constant once inlined), exact in integers up to each flush. */
+INLINE void int_dot_rows(const int16_t *q, int64_t K, int rows, const int8_t *row, float *out) {
+    vint acc[MAX_ROWS][UNROLL];
+    float total[MAX_ROWS] = {0};
+    int64_t k = 0, steps = 0;
+    for (int r = 0; r < rows; r++)
+        for (int u = 0; u < UNROLL; u++) acc[r][u] = ZERO();
+    for (; k + PAIRS * UNROLL <= K; k += PAIRS * UNROLL) {
+        vint w[UNROLL];
+#pragma GCC unroll 4
+        for (int u = 0; u < UNROLL; u++) w[u] = LOAD_WIDEN(row + k + u * PAIRS);
+#pragma GCC unroll 4
+        for (int r = 0; r < rows; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < UNROLL; u++) acc[r][u] = MADD_ADD(acc[r][u], w[u], LOAD_Q(q + r * K + k + u * PAIRS));
+        if (++steps == FLUSH_STEPS) {
+            for (int r = 0; r < rows; r++)
+                for (int u = 0; u < UNROLL; u++) {
+                    total[r] += sum_lanes(acc[r][u]);
+                    acc[r][u] = ZERO();
+                }
+            steps = 0;
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float s = total[r];
+        for (int u = 0; u < UNROLL; u++) s += sum_lanes(acc[r][u]);
+        int64_t tail = 0;
+        for (int64_t t = k; t < K; t++) tail += (int64_t)row[t] * q[r * K + t];
+        out[r] = s + (float)tail;
+    }
+}
+
+INLINE void int_output_column(const int16_t *q, const float *q_scales, const int8_t *w, const float *scale, float *y,
+                              int64_t M, int64_t N, int64_t K, int64_t n) {
+    const int8_t *row = w + n * K;
+    float out[MAX_ROWS];
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        const int64_t rows = M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS;
+        const int16_t *qr = q + m0 * K;
+        switch (rows) {
+            case 1: int_dot_rows(qr, K, 1, row, out); break;
+            case 2: int_dot_rows(qr, K, 2, row, out); break;
+            case 3: int_dot_rows(qr, K, 3, row, out); break;
+            default: int_dot_rows(qr, K, 4, row, out); break;
+        }
+        for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r] * q_scales[m0 + r] * scale[n];
+    }
+}
+
+/* x float32 [M, K]; w int8 [N, K] in [-127, 127]; scale float32 [N]; y float32 [M, N]. Returns 0, or -1 when the
+ * activation buffer could not be allocated. */
+int gemv_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+              int threads) {
+    int16_t *q = malloc((size_t)(M * K) * sizeof *q);
+    float *q_scales = malloc((size_t)M * sizeof *q_scales);
+    if (!q || !q_scales) {
+        free(q);
+        free(q_scales);
+        return -1;
+    }
+    quantize_rows(x, M, K, q, q_scales);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) int_output_column(q, q_scales, w, scale, y, M, N, K, n);
+    free(q);
+    free(q_scales);
+    return 0;
+}
+#else
+/* x float32 [M, K]; w int8 [N, K]; scale float32 [N]; y float32 [M, N]. Returns 0. */
+int gemv_int8(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
+              int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) output_column(x, w, scale, y, M, N, K, n, INT8);
+    return 0;
+}
+#endif
+
+/* x float32 [M, K]; w bfloat16 bits [N, K]; y float32 [M, N]. */
+void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, BF16);
+}
+
+/* x float32 [M, K]; w float32 [N, K]; y float32 [M, N]. */
+void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, F32);
+}
+
+/* 1 when this build multiplies int8 weights in integers (AVX2), 0 when it widens them to float (portable code). */
+int gemv_int8_in_integers(void) {
+#if defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,118 @@
+"""The decode kernels of `kernels/csrc/gemv.c`, built for this CPU and for the targets it does not pick (AVX2 alone,
+plain x86-64), each against float64 on fresh random inputs; the dispatch that picks them; the fallback without a
+compiler."""
+
+import platform
+
+import pytest
+import torch
+
+from kernels import cpu_gemv
+from kernels.dispatch import GEMV_MAX_ROWS, PLANES_MIN_ROWS, int4_linear, int8_linear
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+# (target, whether its int8 path multiplies in integers); the explicit targets exist on x86 only.
+TARGETS = [("native", None)] + ([("x86-64-v3", True), ("x86-64", False)] if X86 else [])
+needs_kernels = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler builds the decode kernels here")
+
+
+def _library(target: str):
+    lib = cpu_gemv.build(target)
+    if lib is None:
+        pytest.skip(f"the compiler cannot build for {target}")
+    return lib
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("in_features", [1, 15, 16, 17, 100, 257, 1000])
+def test_int8_kernel_matches_float64_within_its_rounding(target, in_integers, rows, in_features):
+    lib = _library(target)
+    if in_integers is not None:
+        assert lib.gemv_int8_in_integers() == in_integers
+    generator = torch.Generator().manual_seed(rows * 1000 + in_features)
+    weight = torch.randint(-127, 128, (37, in_features), dtype=torch.int8, generator=generator)
+    scales = torch.rand(37, generator=generator) * 0.01
+    x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-3, 2, rows)[:, None]
+    x[0, 0] = 30 * x[0].abs().max()  # an outlier
+    expected = (x.double() @ weight.double().T) * scales.double()  # [M, N]
+    out = cpu_gemv.int8_gemv(x, weight, scales, lib)
+    assert out.shape == (rows, 37) and out.dtype == torch.float32
+    # int16 rounding of each activation row moves each element by <= max|x_row| / 65534; float32 sums add their own.
+    activation = x.double().abs().amax(1, keepdim=True) / 65534 * (weight.double().abs().sum(1) * scales.double())
+    summation = 1e-5 * (x.double().abs() @ weight.double().abs().T) * scales.double()
+    assert ((out.double() - expected).abs() <= activation + summation + 1e-30).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows, in_features", [(1, 1), (1, 31), (1, 33), (1, 1024), (3, 100), (6, 257)])
+def test_float_kernels_match_float64(target, in_integers, dtype, rows, in_features):
+    lib = _library(target)
+    generator = torch.Generator().manual_seed(rows * 7 + in_features)
+    weight = torch.randn(29, in_features, generator=generator).to(dtype)
+    x = torch.randn(rows, in_features, generator=generator)
+    expected = x.double() @ weight.double().T
+    out = cpu_gemv.float_gemv(x, weight, lib)
+    bound = 1e-5 * (x.double().abs() @ weight.double().abs().T)  # float32 sums of exact products
+    assert out.shape == (rows, 29) and ((out.double() - expected).abs() <= bound + 1e-30).all()
+    with pytest.raises(ValueError, match="bfloat16 or float32"):
+        cpu_gemv.float_gemv(x, weight.to(torch.float16), lib)
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+def test_long_rows_do_not_overflow_the_integer_sums(target, in_integers):
+    """At the largest weights and activations an int32 lane of 2^15 columns would reach 4.3e9 without flushes."""
+    lib = _library(target)
+    in_features = 1 << 15
+    weight = torch.full((3, in_features), 127, dtype=torch.int8)
+    weight[1] = -127
+    scales = torch.tensor([1.0, 0.5, 2.0])
+    x = torch.ones(1, in_features)
+    out = cpu_gemv.int8_gemv(x, weight, scales, lib)
+    expected = torch.tensor([127.0, -63.5, 254.0]) * in_features
+    torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=0)
+
+
+@needs_kernels
+def test_int8_auto_takes_the_kernel_for_a_few_rows(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=generator)
+    scales = torch.rand(32, generator=generator) * 0.01
+    calls = []
+    kernel = cpu_gemv.int8_gemv
+    monkeypatch.setattr(cpu_gemv, "int8_gemv", lambda *args: calls.append(len(args[0])) or kernel(*args))
+    for rows in range(1, PLANES_MIN_ROWS + 1):
+        x = torch.randn(rows, 64, generator=generator).to(torch.bfloat16)
+        out = int8_linear(x, weight, scales)
+        expected = int8_linear(x, weight, scales, "reference")
+        assert out.dtype == torch.bfloat16 and ((out - expected).float().norm() / expected.float().norm()) < 1e-2
+    assert calls == list(range(1, GEMV_MAX_ROWS + 1))
+    int8_linear(torch.randn(5, 64), weight, scales, "gemv")  # forced at any row count
+    assert calls[-1] == 5
+    with pytest.raises(ValueError, match="int8 weights"):
+        int4_linear(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(2, 16, 2), 32,
+                    backend="gemv")
+
+
+def test_without_a_compiler_the_kernels_are_off_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "_compiler", lambda: None)
+    cpu_gemv.build.cache_clear()
+    cpu_gemv.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Decode kernels unavailable"):
+            assert cpu_gemv.library() is None
+        assert not cpu_gemv.available()
+        weight, scales = torch.randint(-127, 128, (16, 32), dtype=torch.int8), torch.rand(16)
+        x = torch.randn(1, 32)
+        out = int8_linear(x, weight, scales)  # auto falls back to torch's fused kernel
+        expected = int8_linear(x, weight, scales, "reference")
+        assert ((out - expected).norm() / expected.norm()) < 1e-2
+        with pytest.raises(ValueError, match="no C compiler"):
+            int8_linear(x, weight, scales, "gemv")
+    finally:
+        cpu_gemv.build.cache_clear()
+        cpu_gemv.library.cache_clear()
