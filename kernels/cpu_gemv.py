@@ -3,8 +3,7 @@
 At batch 1 every decode step reads each weight once, and torch's CPU kernels read them at a fraction of the memory
 bandwidth: the fused int8 kernel at ~8 GB/s on one Zen 5 core, the prepacked bfloat16 linear at ~15 GB/s, against
 ~31 GB/s that the core can read. The C kernels stream them at ~20 GB/s (int8, multiplied in int16 x int8 integer
-pairs) and ~28 GB/s (bfloat16) there, and int4 weights in torch's own tile layout at ~1.5x its fused kernel
-(`multimodal bench quant`, README).
+pairs) and ~28 GB/s (bfloat16) there (`multimodal bench quant`, README).
 
 The library is compiled once per source, compiler and target into `~/.cache/glm-multimodal/kernels` (or
 $GLM_MULTIMODAL_CACHE/kernels) with `-march=native`, and loaded with ctypes: no Python headers, no build step at
@@ -56,10 +55,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("gemv_bf16", "gemv_f32"):
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
         getattr(lib, name).restype = None
-    lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
-    lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
-    lib.integer_paths = lib.gemv_integer_paths() == 1  # asked once: dispatch checks it on every call
     return lib
 
 
@@ -107,18 +103,12 @@ def available() -> bool:
     return library() is not None
 
 
-def int4_available() -> bool:
-    """Whether this CPU's build has the int4 kernel (an AVX2 build)."""
-    lib = library()
-    return lib is not None and lib.integer_paths
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
 def _as_read(values: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Values the int kernels read as they are (float32 or bfloat16, contiguous), and whether they are bfloat16."""
+    """Values the int8 kernel reads as they are (float32 or bfloat16, contiguous), and whether they are bfloat16."""
     if values.dtype not in (torch.float32, torch.bfloat16):
         values = values.to(torch.float32)
     return values.contiguous(), values.dtype == torch.bfloat16
@@ -149,23 +139,4 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = 
     kernel = lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32
     kernel(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], rows.shape[1],
            torch.get_num_threads())
-    return out
-
-
-def int4_gemv(x: torch.Tensor, cpu_packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int,
-              lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [M, K] float @ the int4 weight in torch's CPU tile layout of `block` rows (`kernels.int4`), one row at a
-    time, the activations rounded to int8 per group -> [M, N] float32; meant for one row."""
-    lib = lib or library()
-    rows, rows_bf16 = _as_read(x)  # [M, K]
-    packed, table = cpu_packed.contiguous(), scales_and_zeros.to(torch.bfloat16).contiguous()  # [N, K/2], [K/G, N, 2]
-    out = torch.empty(rows.shape[0], packed.shape[0], dtype=torch.float32)  # [M, N]
-    step_in, step_out = rows.shape[1] * rows.element_size(), out.shape[1] * out.element_size()
-    for row in range(rows.shape[0]):
-        status = lib.gemv_int4_tiled(rows.data_ptr() + row * step_in, rows_bf16, packed.data_ptr(), table.data_ptr(),
-                                     out.data_ptr() + row * step_out, packed.shape[0], rows.shape[1], group_size,
-                                     block, torch.get_num_threads())
-        if status != 0:
-            raise ValueError(f"The int4 decode kernel does not take {packed.shape[0]} x {rows.shape[1]} weights in "
-                             f"groups of {group_size} and tiles of {block} rows on this build.")
     return out

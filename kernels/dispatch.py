@@ -3,17 +3,15 @@
 Backends:
 - "reference": dequantize to float32 and matmul (any device, any shape; slow, the ground truth).
 - "cpu": torch's fused CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
-- "gemv": the decode kernels of `kernels/cpu_gemv.py` (built on first use): int8 weights for a few rows, times
-  int16-rounded activations, in integers where the CPU has AVX2; int4 weights in the CPU tile layout for one row,
-  times activations rounded to int8 per group (AVX2 builds only).
+- "gemv" (int8 only): the decode kernel of `kernels/cpu_gemv.py` for a few rows (built on first use; int8 weights
+  times int16-rounded activations, in integers where the CPU has AVX2).
 - "planes" (int8 only): integer matmuls on two int8 planes of the activations (`kernels.int8.int8_matmul_planes`).
 - "dequantized" (int4 only): the CPU-tiled weight dequantized to bfloat16 per call, then a bfloat16 matmul
   (`kernels.int4.int4_matmul_dequantized`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "auto": Triton on CUDA when Triton is installed. On the CPU, for int8: the gemv kernel up to GEMV_MAX_ROWS rows
   (where it builds; any K), the planes path from PLANES_MIN_ROWS rows, the fused kernel between; for int4 (where the
-  shape allows the tile layout): the gemv kernel for one row (AVX2 builds), the dequantized path from
-  DEQUANTIZED_MIN_ROWS rows, the fused kernel between.
+  shape allows the tile layout): the dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
   Otherwise the reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does
   not know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd
   projection; it is only slower there. Forcing "cpu" on such a shape is a ValueError.
@@ -33,7 +31,6 @@ import torch
 from kernels import cpu_gemv
 from kernels.int4 import (
     DEQUANTIZED_MIN_ROWS,
-    cpu_int4pack_block,
     cpu_int4pack_supported,
     from_cpu_int4pack,
     int4_matmul_cpu,
@@ -124,26 +121,19 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., K] @ dequantized(weight uint8 [N, K/2] in `layout`, scales_and_zeros [K/G, N, 2]).T -> [..., N]."""
     _check_backend(backend)
-    if backend == "planes":
-        raise ValueError("The planes path multiplies int8 weights; int4 layers take auto, reference, cpu, gemv, "
+    if backend in ("planes", "gemv"):
+        raise ValueError(f"The {backend} path multiplies int8 weights; int4 layers take auto, reference, cpu, "
                          "dequantized or triton.")
-    if backend == "gemv" and not cpu_gemv.int4_available():
-        raise ValueError("The int4 gemv path needs kernels/csrc/gemv.c built for a CPU with AVX2.")
     out_features = weight.shape[0]
     in_features = x.shape[-1]
     if backend == "auto":
         if x.is_cuda and triton_available():
             backend = "triton"
         elif x.device.type == "cpu" and cpu_int4pack_supported(out_features, in_features, group_size):
-            if x.numel() >= DEQUANTIZED_MIN_ROWS * in_features:
-                backend = "dequantized"
-            elif x.numel() == in_features and cpu_gemv.int4_available():
-                backend = "gemv"
-            else:
-                backend = "cpu"
+            backend = "dequantized" if x.numel() >= DEQUANTIZED_MIN_ROWS * in_features else "cpu"
         else:
             backend = "reference"
-    tiled = backend in ("cpu", "dequantized", "gemv")  # the backends that read torch's CPU tile layout
+    tiled = backend in ("cpu", "dequantized")  # the backends that read torch's CPU tile layout
     if tiled and not cpu_int4pack_supported(out_features, in_features, group_size):
         raise ValueError(
             f"The CPU int4 paths need out_features divisible by 16 and in_features by the group size; "
@@ -163,8 +153,6 @@ def int4_linear(
         out = _in_bf16(flat, lambda x: int4_matmul_cpu(x, weight, scales_and_zeros, group_size))
     elif backend == "dequantized":
         out = int4_matmul_dequantized(flat, weight, scales_and_zeros, group_size)
-    elif backend == "gemv":
-        out = cpu_gemv.int4_gemv(flat, weight, scales_and_zeros, group_size, cpu_int4pack_block()).to(x.dtype)
     else:
         out = int4_matmul_ref(flat, weight, scales_and_zeros, group_size)
     return out.reshape(*x.shape[:-1], out_features)

@@ -228,7 +228,7 @@ def test_int4_auto_dequantizes_from_its_row_count_and_keeps_the_fused_kernel_bel
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         _record_calls(patch, ("int4_matmul_cpu", "int4_matmul_dequantized"), calls)
-        for rows in (2, DEQUANTIZED_MIN_ROWS - 1, DEQUANTIZED_MIN_ROWS):  # one row: tests/test_cpu_gemv.py
+        for rows in (1, DEQUANTIZED_MIN_ROWS - 1, DEQUANTIZED_MIN_ROWS):
             x = torch.randn(rows, 64, generator=generator)
             out = int4_linear(x, tiled, scales_and_zeros, 32, CPU_TILED)
             assert _relative_error(out, int4_matmul_ref(x, packed, scales_and_zeros, 32)) < 5e-3
