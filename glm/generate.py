@@ -25,10 +25,10 @@ class PackedLinear(nn.Module):
 
     MKL's sgemm (PyTorch's default CPU path for float32 `F.linear`) is slow on some CPUs (AMD, batch > 1); oneDNN
     with a weight reordered once into its blocked layout is several times faster there for prefill and batched
-    decode. A single row (decode at batch 1) is a stream of weight bytes, which the gemv kernel reads about 1.8x
-    faster than oneDNN on one Zen 5 core (`multimodal bench quant`, README); so the plain weight is kept beside the
-    packed one where that kernel builds, at twice the weight memory. Results differ from `F.linear` only by
-    summation order.
+    decode. A single row (decode at batch 1) is a stream of weight bytes, which the gemv kernel reads faster: bfloat16
+    decode 1.55x oneDNN's tokens/s on one Zen 5 core (`multimodal bench quant --float-kernel auto|onednn`, README);
+    so the plain weight is kept beside the packed one where that kernel builds, at twice the weight memory. Results
+    differ from `F.linear` only by summation order.
     """
 
     def __init__(self, linear: nn.Linear, decode_kernel: bool = True):

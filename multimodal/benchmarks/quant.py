@@ -3,7 +3,7 @@
 All three variants are the same random-weight model: the float one in `--dtype` (on the CPU with its linears
 prepacked for oneDNN and single rows on the decode kernel, `glm.generate.pack_for_cpu`, our float path there), the
 others quantized from it with the output layer included (unless `--exclude` says otherwise) and run with `--dtype`
-activations on the default kernel path (`kernels.dispatch`: on the CPU the decode kernel for one or two rows and
+activations on the default kernel path (`kernels.dispatch`: on the CPU the decode kernel for up to four rows and
 torch's fused kernels or the planes path above; Triton on CUDA). `--float-kernel onednn`, `--int8-kernel cpu` and
 `--int4-kernel cpu` give the paths before the decode kernels, for a comparison in one run. Reported per variant:
 - weights MB: every tensor of the state dict;
