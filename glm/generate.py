@@ -164,7 +164,13 @@ def prefill(model: GLMModel, batch: Batch, cache: list[KVCache]) -> torch.Tensor
 
 def decode_one_token(model: GLMModel, tokens: torch.Tensor, positions: torch.Tensor, slot: int,
                      cache: list[KVCache], valid: torch.Tensor | None) -> torch.Tensor:
-    """Feed tokens [B] at positions [B] into cache slot `slot`; return the next logits [B, V]."""
+    """Feed tokens [B] at positions [B] into cache slot `slot`; return the next logits [B, V].
+
+    A model prepared by `glm.cpu_decode.prepare_cpu_decode` runs the whole step in one C call where it can.
+    """
+    decoder = getattr(model, "cpu_decoder", None)
+    if decoder is not None and decoder.accepts(tokens, cache):
+        return decoder.step(tokens, positions, slot, cache, valid)
     mask = valid[:, : slot + 1] if valid is not None else None
     logits = model(tokens[:, None], positions=positions[:, None], cache=cache, cache_start=slot, attention_mask=mask)
     return logits[:, -1].float()

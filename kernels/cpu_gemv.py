@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+SOURCES = (Path(__file__).parent / "csrc" / "gemv.c", Path(__file__).parent / "csrc" / "decode.c")
 NATIVE = "native"
 
 
@@ -68,13 +68,14 @@ def build(march: str = NATIVE) -> ctypes.CDLL | None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     for flags in _flag_sets(march):
-        key = hashlib.sha1(SOURCE.read_bytes() + " ".join([compiler, version, *flags]).encode()).hexdigest()[:16]
+        source = b"".join(path.read_bytes() for path in SOURCES)
+        key = hashlib.sha1(source + " ".join([compiler, version, *flags]).encode()).hexdigest()[:16]
         path = cache_dir() / f"gemv-{march}-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # then one atomic rename: safe in parallel
                 built = Path(scratch) / path.name
-                done = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+                done = subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES), "-lm"],
                                       capture_output=True, text=True)
                 if done.returncode != 0:
                     continue

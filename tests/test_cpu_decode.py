@@ -1,0 +1,108 @@
+"""The whole-step C decode of `glm/cpu_decode.py` (kernels/csrc/decode.c): logits against the model run in float64 on
+the same weights, on fresh random inputs, for float32, bfloat16 and INT8 weights, padded rows, every build target;
+generation through it; the models and caches it declines."""
+
+import importlib
+import zlib
+
+import pytest
+import torch
+
+from glm.cpu_decode import MAX_ROWS, CpuDecoder, prepare_cpu_decode
+from glm.model import GLMConfig, GLMModel
+from kernels import cpu_gemv
+from multimodal.quantize import Int8WeightOnlyLinear, QuantSpec, quantize_model, set_backend
+from tests.test_cpu_gemv import TARGETS, _library
+
+generate_module = importlib.import_module("glm.generate")
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler builds the decode kernels here")
+
+
+def _model(preset: str, dtype: torch.dtype, seed: int, quant: str | None = None) -> GLMModel:
+    generator = torch.Generator().manual_seed(seed)
+    model = GLMModel(GLMConfig.from_preset(preset)).init_weights(std=0.08, generator=generator).to(dtype).eval()
+    return quantize_model(model, QuantSpec(quant)) if quant else model
+
+
+def _float64_twin(model: GLMModel) -> GLMModel:
+    """The same weights (INT8 ones dequantized) in a float64 GLMModel: the slow obvious version of the step."""
+    twin = GLMModel(model.config).double().eval()
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8WeightOnlyLinear):
+            weight = module.weight[:, : module.in_features].double()  # [N, K] (the CPU copy may be padded)
+            state[f"{name}.weight"] = weight * module.scales.double()[:, None]
+            if module.bias is not None:
+                state[f"{name}.bias"] = module.bias
+    for name, tensor in model.state_dict().items():
+        state.setdefault(name, tensor)
+    twin.load_state_dict({name: state[name].double() for name in twin.state_dict()})
+    return twin
+
+
+@pytest.mark.parametrize("target", [target for target, _ in TARGETS])
+@pytest.mark.parametrize("preset, dtype, quant, tolerance", [
+    ("tiny", torch.float32, None, 3e-6),  # float32 sums (measured <= 5e-7)
+    ("tiny-glm4", torch.float32, None, 3e-6),
+    ("tiny", torch.float32, "int8", 4e-4),  # int16-rounded activations, kernels/csrc/gemv.c (measured 9e-5)
+    ("tiny", torch.bfloat16, None, 2e-2),  # keys and values stored in bfloat16 (measured 5e-3)
+    ("tiny-glm4", torch.bfloat16, "int8", 2e-2),
+])
+def test_step_matches_float64_model(target, preset, dtype, quant, tolerance):
+    seed = zlib.crc32(f"{target} {preset} {dtype} {quant}".encode())
+    model = _model(preset, dtype, seed, quant)
+    decoder = CpuDecoder(model, _library(target))
+    twin = _float64_twin(model)
+    generator = torch.Generator().manual_seed(seed)
+    rows, prompt = 3, 6
+    # Left padding: row 1 has 2 pad slots, row 2 has 4; positions restart at each row's first real token.
+    valid = torch.ones(rows, prompt + 5, dtype=torch.bool)
+    valid[1, :2] = valid[2, :4] = False
+    positions = (valid[:, :prompt].long().cumsum(-1) - 1).clamp(min=0)
+    ids = torch.randint(1, model.config.vocab_size, (rows, prompt), generator=generator)
+    ours_cache, reference_cache = model.allocate_cache(rows, prompt + 5), twin.allocate_cache(rows, prompt + 5)
+    with torch.inference_mode():
+        model(ids, positions=positions, cache=ours_cache, attention_mask=valid[:, :prompt])  # eager prefill
+        twin(ids, positions=positions, cache=reference_cache, attention_mask=valid[:, :prompt])
+        tokens = ids[:, -1]
+        for offset in range(5):  # each step reads the keys and values the earlier ones wrote
+            slot, step_positions = prompt + offset, positions[:, -1] + 1 + offset
+            ours = decoder.step(tokens, step_positions, slot, ours_cache, valid).double()  # [B, V]
+            expected = generate_module.decode_one_token(twin, tokens, step_positions, slot, reference_cache, valid)
+            assert ours.shape == expected.shape
+            assert (ours - expected).abs().amax() <= tolerance * expected.abs().amax()
+            tokens = expected.argmax(-1)
+
+
+def test_generation_through_the_step_equals_eager_generation():
+    model = _model("tiny", torch.float32, 5)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]  # padded rows
+    config = generate_module.SamplingConfig(max_new_tokens=20, temperature=0.8, top_k=50, seed=3)
+    expected = generate_module.generate(model, prompts, config)
+    prepare_cpu_decode(model)
+    assert model.cpu_decoder is not None
+    assert generate_module.generate(model, prompts, config) == expected
+    wide = [[3 + row, 4] for row in range(MAX_ROWS + 1)]  # more rows than the step takes: the eager path
+    assert generate_module.generate(model, wide, config) == generate_module.generate(_model("tiny", torch.float32, 5),
+                                                                                     wide, config)
+
+
+@pytest.mark.filterwarnings("ignore:INT4 group size")
+def test_packed_and_quantized_models_get_a_decoder_and_forced_or_int4_ones_do_not():
+    packed = generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1))
+    assert prepare_cpu_decode(packed).cpu_decoder is not None
+    assert prepare_cpu_decode(generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1), decode_kernel=False)
+                              ).cpu_decoder is None  # oneDNN's packed weight alone: nothing for the step to read
+    forced = set_backend(_model("tiny", torch.float32, 1, "int8"), "cpu")
+    assert prepare_cpu_decode(forced).cpu_decoder is None
+    assert prepare_cpu_decode(_model("tiny", torch.float32, 1, "int4")).cpu_decoder is None
+
+
+def test_out_of_range_token_or_slot_is_one_clear_error():
+    model = _model("tiny", torch.float32, 2)
+    decoder = CpuDecoder(model)
+    cache = model.allocate_cache(1, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.step(torch.tensor([model.config.vocab_size]), torch.tensor([0]), 0, cache, None)
+    with pytest.raises(ValueError, match="out of range"):
+        decoder.step(torch.tensor([1]), torch.tensor([0]), 4, cache, None)
