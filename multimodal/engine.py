@@ -173,10 +173,10 @@ class Engine:
         if family == "glm":
             from glm.chat import GLMChat
 
-            return cls.from_parts(GLMChat(loading.glm(folder), GLMTokenizer.load(folder)), None,
+            return cls.from_parts(GLMChat(loading.decode_ready(loading.glm(folder)), GLMTokenizer.load(folder)), None,
                                   folder.resolve().name)
         vlm_folder = folder / VLM_FOLDER if (folder / VLM_FOLDER).is_dir() else folder
-        model = loading.vlm(vlm_folder)
+        model = loading.decode_ready(loading.vlm(vlm_folder))
         tokenizer = GLMTokenizer.load(vlm_folder if (vlm_folder / "tokenizer.json").exists() or
                                       (vlm_folder / "tokenizer.model").exists() else folder)
         painter = None
@@ -379,6 +379,15 @@ class _Loading:
 
             context = maybe_init_distributed(tp, device)  # outside torchrun: one sentence with the command to run
             self.rank, self.world, self.device = context.rank, context.world, context.device
+
+    def decode_ready(self, model):
+        """The model, with each CPU decode step of up to 4 rows in one C call where its layers allow
+        (`glm/cpu_decode.py`; not for tensor-parallel shards)."""
+        if self.world == 1 and self.device.type == "cpu":
+            from glm.cpu_decode import prepare_cpu_decode
+
+            prepare_cpu_decode(model)
+        return model
 
     def quantize_shard(self, linear: torch.nn.Linear, name: str) -> torch.nn.Module:
         """One Linear after the tensor-parallel cut: quantized, or kept in float when `exclude` names it or (INT4)

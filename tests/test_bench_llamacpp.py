@@ -33,7 +33,7 @@ def test_llama_cpp_runs_our_gguf_export_to_the_same_greedy_tokens(tmp_path, pres
 
 def test_the_comparison_table_prints_every_pair(capsys):
     args = argparse.Namespace(preset="tiny-glm4", threads=1, seed=0, prompt_len=8, new_tokens=6, repeats=1,
-                              device="cpu", bandwidth_mb=64, clock="wall")
+                              device="cpu", bandwidth_mb=64, clock="wall", decode_step="c")
     assert run_llama_cpp(args) == 0
     out = capsys.readouterr().out
     for pair in ("float32 ", "F32", "bfloat16", "BF16", "int8", "Q8_0", "int4 g32", "Q4_0"):

@@ -177,7 +177,7 @@ def run_llama_cpp(args) -> int:
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
     from multimodal.benchmarks.glm import measure
-    from multimodal.benchmarks.quant import weight_bytes
+    from multimodal.benchmarks.quant import prepare_decode_steps, weight_bytes
     from multimodal.quantize import QuantSpec, quantize_model
 
     torch.set_num_threads(args.threads)
@@ -196,6 +196,7 @@ def run_llama_cpp(args) -> int:
     read = {name: weight_bytes(model)[1] for name, model in ours.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # our float path on the CPU
         ours["float32"], ours["bfloat16"] = pack_for_cpu(ours["float32"]), pack_for_cpu(ours["bfloat16"])
+    prepare_decode_steps(ours, args)
     header = (f"{'ours':<9} | {'read MB':>7} | {'tok/s':>7} | {'% floor':>7} | {'llama.cpp':<9} | {'read MB':>7} | "
               f"{'tok/s':>7} | {'% floor':>7} | {'ours / llama.cpp':>16} | greedy tokens equal")
     rows = [header, "-" * len(header)]

@@ -8,8 +8,9 @@ tokens after a `--prompt-len` prompt, and a 1-token generation; prefill tokens/s
 is the best of `--repeats`, the stacks taking turns so a change in machine load hits all of them. `--clock cpu`
 times this process's CPU time instead of wall time: with `--threads 1` that is robust on a shared, busy machine.
 The generated tokens of the stacks are compared, so a speed-up cannot come from computing something else.
-Our model runs with its CPU linears prepacked for oneDNN (`glm.generate.pack_for_cpu`); `--plain` adds a row
-without that.
+Our model runs with its CPU linears prepacked for oneDNN (`glm.generate.pack_for_cpu`) and each batch-1 to 4 decode
+step in one C call (`glm/cpu_decode.py`; `--decode-step eager` keeps PyTorch operators); `--plain` adds a row without
+either.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import copy
 import time
 from typing import TYPE_CHECKING
+
+from multimodal.benchmarks.quant import add_decode_step_option
 
 if TYPE_CHECKING:  # imported when a benchmark runs, so `multimodal --help` stays fast
     import torch
@@ -37,6 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_decode_step_option(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from glm.generate import SamplingConfig, generate, pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
-    from multimodal.benchmarks.quant import weight_bytes
+    from multimodal.benchmarks.quant import prepare_decode_steps, weight_bytes
     from multimodal.checkpoint import build_on_meta, convert, load_into
 
     torch.set_num_threads(args.threads)
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     load_into(plain, convert(hf.state_dict(), HF_TABLE))
     plain = plain.to(args.device).eval()
     stacks = {"ours": pack_for_cpu(copy.deepcopy(plain)) if args.device == "cpu" else plain}
+    prepare_decode_steps(stacks, args)
     if args.plain:
         stacks["ours-plain"] = plain
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype}, {args.device}, "

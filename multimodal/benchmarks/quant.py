@@ -52,9 +52,30 @@ def register(subparsers) -> None:
                         help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "cpu", "dequantized", "reference", "triton"),
                         help="the int4 variant's kernel path (cpu: the fused kernel at every batch)")
+    add_decode_step_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
     parser.set_defaults(func=run)
+
+
+def add_decode_step_option(parser) -> None:
+    parser.add_argument("--decode-step", default="c", choices=("c", "eager"),
+                        help="c: each decode step in one C call where the model allows (glm/cpu_decode.py); eager: "
+                             "PyTorch operators")
+
+
+def prepare_decode_steps(models: dict[str, nn.Module], args) -> None:
+    """Attach the C decode step to the CPU models that allow it, as asked, and print which run on it."""
+    from glm.cpu_decode import prepare_cpu_decode
+
+    if args.device != "cpu" or args.decode_step != "c":
+        return
+    for model in models.values():
+        prepare_cpu_decode(model)
+    names = [name for name, model in models.items() if model.cpu_decoder is not None]
+    others = [name for name in models if name not in names]
+    print(f"decode step in one C call: {', '.join(names) or 'none'}" + (f"; eager: {', '.join(others)}" if others
+                                                                           else ""))
 
 
 def weight_bytes(model: nn.Module) -> tuple[int, int]:
@@ -120,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype} activations, {args.device}, "
           f"{args.threads} threads, batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"float kernel {args.float_kernel}, int8 kernel {args.int8_kernel}, int4 kernel {args.int4_kernel}, "
+          f"decode step {args.decode_step}, "
           f"greedy, best of {args.repeats}; excluded from quantization: {', '.join(args.exclude) or 'nothing'}")
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -134,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model), decode_kernel=args.float_kernel == "auto")
+    prepare_decode_steps(models, args)
     speeds = tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
         reference_logits = float_model(prompts.to(args.device)).float()
