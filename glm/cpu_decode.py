@@ -7,8 +7,9 @@ each step then costs one call: embedding, blocks, final norm and logits, activat
 Build it with `prepare_cpu_decode(model)` after the model is final (loaded, quantized, packed): it keeps references to
 the weights it read, so a later `.to()` or quantization is not seen. `glm.generate.decode_one_token` uses it whenever
 the rows, device and cache allow, and the eager path otherwise. It reads float32 and bfloat16 linears (plain or
-`PackedLinear` with its plain weight), and INT8 linears on the "auto" or "gemv" backend; a model with any other layer
-(INT4, tensor-parallel shards, a forced kernel) gets no decoder and keeps the eager path.
+`PackedLinear` with its plain weight), INT8 linears on the "auto" or "gemv" backend, and INT4 linears in torch's CPU
+tile layout where the kernels are the AVX2 build (activations rounded to int8 per group, as llama.cpp's Q8 blocks); a
+model with any other layer (tensor-parallel shards, a forced kernel) gets no decoder and keeps the eager path.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from glm.model import GLMAttention, GLMBlock, GLMModel, KVCache, RMSNorm, SwiGLU
 from kernels import cpu_gemv
 
 MAX_ROWS = 4  # as the int8 gemv path: beyond this torch's batched kernels read weights once for all rows
-KIND_INT8, KIND_BF16, KIND_F32 = 0, 1, 2
+KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4 = 0, 1, 2, 3
 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("weight", c_void_p), ("scales", c_void_p), ("bias", c_void_p), ("kind", c_int64),
-                ("out_features", c_int64), ("in_features", c_int64), ("stride", c_int64)]
+                ("out_features", c_int64), ("in_features", c_int64), ("stride", c_int64), ("group_size", c_int64),
+                ("block", c_int64)]
 
 
 class _Block(ctypes.Structure):
@@ -57,6 +59,7 @@ class CpuDecoder:
         self._step.argtypes = [POINTER(_Decoder), c_void_p, c_void_p, c_int64, c_void_p, c_int64, c_int64, c_void_p,
                                c_int]
         self._step.restype = c_int
+        self.integer_paths = lib.gemv_integer_paths() == 1  # int4 layers need the AVX2 build
         if not model.layers:
             raise Unsupported("a model without blocks")
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to stays alive with the decoder
@@ -101,7 +104,9 @@ class CpuDecoder:
 
     def _linear(self, module: nn.Module) -> _Linear:
         from glm.generate import PackedLinear
-        from multimodal.quantize import Int8WeightOnlyLinear
+        from kernels.dispatch import CPU_TILED
+        from kernels.int4 import cpu_int4pack_block, cpu_int4pack_supported
+        from multimodal.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 
         bias = getattr(module, "bias", None)
         bias = self._floats(bias) if bias is not None else None
@@ -115,6 +120,12 @@ class CpuDecoder:
         if type(module) is Int8WeightOnlyLinear and module.backend in ("auto", "gemv") and module.weight.is_cpu:
             return _Linear(self._pointer(module.weight), self._floats(module.scales), bias, KIND_INT8,
                            module.out_features, module.in_features, module.weight.shape[1])
+        if (type(module) is Int4WeightOnlyLinear and module.backend == "auto" and module.layout == CPU_TILED
+                and self.integer_paths and module.group_size % 2 == 0
+                and cpu_int4pack_supported(module.out_features, module.in_features, module.group_size)):
+            table = self._pointer(module.scales_and_zeros.detach().to(torch.bfloat16).contiguous())
+            return _Linear(self._pointer(module.weight), table, bias, KIND_INT4, module.out_features,
+                           module.in_features, module.in_features, module.group_size, cpu_int4pack_block())
         raise Unsupported(f"a {type(module).__name__} layer")
 
     def accepts(self, tokens: torch.Tensor, cache: list[KVCache]) -> bool:

@@ -55,6 +55,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("gemv_bf16", "gemv_f32"):
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
         getattr(lib, name).restype = None
+    lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
+    lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
     return lib
 
@@ -140,4 +142,24 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = 
     kernel = lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32
     kernel(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], rows.shape[1],
            torch.get_num_threads())
+    return out
+
+
+def int4_gemv(x: torch.Tensor, cpu_packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float @ the int4 weight in torch's CPU tile layout of `block` rows (`kernels.int4`), one row at a
+    time, the activations rounded to int8 per group -> [M, N] float32. AVX2 builds only (`gemv_integer_paths`);
+    the decode step of `glm/cpu_decode.py` calls the same kernel."""
+    lib = lib or library()
+    rows, rows_bf16 = _as_read(x)  # [M, K]
+    packed, table = cpu_packed.contiguous(), scales_and_zeros.to(torch.bfloat16).contiguous()  # [N, K/2], [K/G, N, 2]
+    out = torch.empty(rows.shape[0], packed.shape[0], dtype=torch.float32)  # [M, N]
+    step_in, step_out = rows.shape[1] * rows.element_size(), out.shape[1] * out.element_size()
+    for row in range(rows.shape[0]):
+        status = lib.gemv_int4_tiled(rows.data_ptr() + row * step_in, rows_bf16, packed.data_ptr(), table.data_ptr(),
+                                     out.data_ptr() + row * step_out, packed.shape[0], rows.shape[1], group_size,
+                                     block, torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"The int4 decode kernel does not take {packed.shape[0]} x {rows.shape[1]} weights in "
+                             f"groups of {group_size} and tiles of {block} rows on this build.")
     return out

@@ -9,6 +9,7 @@ import torch
 
 from kernels import cpu_gemv
 from kernels.dispatch import GEMV_MAX_ROWS, PLANES_MIN_ROWS, int4_linear, int8_linear
+from kernels.int4 import int4_matmul_ref, pack_int4
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # (target, whether its int8 path multiplies in integers); the explicit targets exist on x86 only.
@@ -96,6 +97,48 @@ def test_int8_auto_takes_the_kernel_for_a_few_rows(monkeypatch):
     with pytest.raises(ValueError, match="int8 weights"):
         int4_linear(torch.randn(2, 64), torch.zeros(16, 32, dtype=torch.uint8), torch.zeros(2, 16, 2), 32,
                     backend="gemv")
+
+
+def _tiles(values: torch.Tensor, block: int) -> torch.Tensor:
+    """Values [N, K] in [0, 15] -> torch's CPU tile layout of `block` rows, written out slowly: in a full tile byte i
+    of line k holds row i (low nibble) and row block/2 + i (high); the tail's byte i holds rows 2i and 2i + 1."""
+    rows, columns = values.shape
+    out = []
+    full = rows // block * block
+    for start in range(0, full, block):
+        for k in range(columns):
+            out += [int(values[start + i, k]) | int(values[start + block // 2 + i, k]) << 4 for i in range(block // 2)]
+    for k in range(columns):
+        out += [int(values[full + 2 * i, k]) | int(values[full + 2 * i + 1, k]) << 4 for i in range((rows - full) // 2)]
+    return torch.tensor(out, dtype=torch.uint8).reshape(rows, columns // 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("rows, in_features, group_size", [(64, 64, 32), (80, 128, 64), (16, 256, 128), (112, 96, 32)])
+def test_int4_kernel_reads_both_tilings(target, in_integers, block, rows, in_features, group_size):
+    lib = _library(target)
+    if not lib.gemv_integer_paths():
+        pytest.skip("int4 layers keep torch's fused kernel on builds without AVX2")
+    generator = torch.Generator().manual_seed(rows + in_features + block)
+    values = torch.randint(0, 16, (rows, in_features), generator=generator)
+    scales_and_zeros = (torch.randn(in_features // group_size, rows, 2, generator=generator) * 0.05).bfloat16()
+    x = torch.randn(2, in_features, generator=generator)
+    out = cpu_gemv.int4_gemv(x, _tiles(values, block), scales_and_zeros, group_size, block, lib)  # [2, N]
+    # Exact but for float32 sums once x is rounded to int8 per group, as the kernel rounds it.
+    grouped = x.view(2, -1, group_size)
+    step = grouped.abs().amax(-1, keepdim=True) / 127
+    rounded = ((grouped / step).round() * step).view(2, -1).double()
+    scale, zero = (part.double().T.repeat_interleave(group_size, 1) for part in scales_and_zeros.unbind(-1))  # [N, K]
+    expected = rounded @ (values * scale).T + x.double() @ (zero - 8 * scale).T
+    terms = rounded.abs() @ (values * scale).abs().T + x.double().abs() @ (zero - 8 * scale).abs().T
+    assert ((out.double() - expected).abs() <= 1e-5 * terms).all()
+    # Against the plain dequantized weight: within the activation rounding, <= max|x_group| / 254 per element.
+    plain = int4_matmul_ref(x, pack_int4(values), scales_and_zeros.float(), group_size).double()
+    weight = ((values - 8) * scale + zero).abs()  # [N, K]
+    bound = (step.double() / 2).expand(-1, -1, group_size).reshape(2, -1) @ weight.T
+    assert ((out.double() - plain).abs() <= bound + 1e-5 * terms).all()
 
 
 def test_without_a_compiler_the_kernels_are_off_with_one_warning(monkeypatch):

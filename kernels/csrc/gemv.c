@@ -9,7 +9,8 @@
  * int16 under one scale (x = scale * q, |q| <= 32767; the error, max|x_row| / 65534 per element, is 128x finer than
  * bfloat16's rounding), then `vpmaddwd` multiplies 16 weight-activation pairs per instruction into int32 sums,
  * which move into float sums every FLUSH_STEPS steps, long before they could overflow. Widening int8 to float
- * instead costs three instructions per 8 weights and cannot keep up with memory on one core.
+ * instead costs three instructions per 8 weights and cannot keep up with memory on one core. int4 weights (one row,
+ * torch's CPU tile layout) multiply in integers too, against activations rounded to int8 per group (see below).
  *
  * The rest is GCC vector extensions, so one source builds for any target, and `-march=native` picks the code for
  * the CPU at hand (`kernels/cpu_gemv.py` builds it; the tests also build it for AVX2 alone and for plain x86-64, the
@@ -276,7 +277,142 @@ void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, in
     for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, F32);
 }
 
-/* 1 when this build multiplies int8 weights in integers (AVX2), 0 when it widens them to float (portable code). */
+#if defined(__AVX2__)
+/* int4 weights in torch's CPU tile layout (`kernels/int4.py`), one activation row, in integers. A full tile of B
+ * rows is K lines of B/2 bytes, byte i of a line holding row i in its low nibble and row B/2 + i in its high one;
+ * the R rows after the last full tile (a multiple of 16) are K lines of R/2 bytes, byte i holding rows 2i and 2i + 1.
+ * The activation is rounded to int8 per group of G columns (x = xs_g * xq, as llama.cpp's Q8 blocks do); two lines
+ * k, k + 1 are interleaved byte by byte so that `pmaddubsw` multiplies each row's nibble pair by (xq_k, xq_k+1) in
+ * one instruction. At a group's end a row with scale s and zero z (w = (q - 8) s + z) gains
+ * s xs_g sum(q xq) + (z - 8 s) sum(x). */
+INLINE float bf16_at(const uint16_t *p) {
+    uint32_t bits = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Sums over one group of sum(q xq) for the `width` (8 or 16) bytes at `offset` of each line: rows of the low nibbles
+ * into low[0..width), of the high nibbles into high[0..width). pairs[j] = (xq[2j], xq[2j + 1]) of the group. */
+INLINE void int4_chunk(const uint8_t *lines, int64_t half, int64_t offset, int width, const int16_t *pairs,
+                       int64_t G, int32_t *low, int32_t *high) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i wide[8]; /* int32 sums: low rows 0-3, 4-7, 8-11, 12-15, then the high rows */
+    for (int i = 0; i < 8; i++) wide[i] = _mm_setzero_si128();
+    for (int64_t k0 = 0; k0 < G; k0 += 16) { /* 8 pairs: int16 sums stay below 8 * 2 * 15 * 127 = 30,480 */
+        __m128i narrow[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
+        for (int64_t k = k0; k < k0 + 16 && k < G; k += 2) {
+            const uint8_t *a = lines + k * half + offset, *b = a + half;
+            const __m128i la = width == 16 ? _mm_loadu_si128((const __m128i *)a) : _mm_loadl_epi64((const __m128i *)a);
+            const __m128i lb = width == 16 ? _mm_loadu_si128((const __m128i *)b) : _mm_loadl_epi64((const __m128i *)b);
+            const __m128i x = _mm_set1_epi16(pairs[k / 2]);
+            const __m128i low_a = _mm_and_si128(la, mask), low_b = _mm_and_si128(lb, mask);
+            const __m128i high_a = _mm_and_si128(_mm_srli_epi16(la, 4), mask);
+            const __m128i high_b = _mm_and_si128(_mm_srli_epi16(lb, 4), mask);
+            narrow[0] = _mm_add_epi16(narrow[0], _mm_maddubs_epi16(_mm_unpacklo_epi8(low_a, low_b), x));
+            narrow[1] = _mm_add_epi16(narrow[1], _mm_maddubs_epi16(_mm_unpackhi_epi8(low_a, low_b), x));
+            narrow[2] = _mm_add_epi16(narrow[2], _mm_maddubs_epi16(_mm_unpacklo_epi8(high_a, high_b), x));
+            narrow[3] = _mm_add_epi16(narrow[3], _mm_maddubs_epi16(_mm_unpackhi_epi8(high_a, high_b), x));
+        }
+        for (int i = 0; i < 4; i++) {
+            wide[2 * i] = _mm_add_epi32(wide[2 * i], _mm_cvtepi16_epi32(narrow[i]));
+            wide[2 * i + 1] = _mm_add_epi32(wide[2 * i + 1], _mm_cvtepi16_epi32(_mm_srli_si128(narrow[i], 8)));
+        }
+    }
+    _mm_storeu_si128((__m128i *)low, wide[0]);
+    _mm_storeu_si128((__m128i *)(low + 4), wide[1]);
+    _mm_storeu_si128((__m128i *)(low + 8), wide[2]);
+    _mm_storeu_si128((__m128i *)(low + 12), wide[3]);
+    _mm_storeu_si128((__m128i *)high, wide[4]);
+    _mm_storeu_si128((__m128i *)(high + 4), wide[5]);
+    _mm_storeu_si128((__m128i *)(high + 8), wide[6]);
+    _mm_storeu_si128((__m128i *)(high + 12), wide[7]);
+}
+
+/* The rows of one tile (or of the tail, `interleaved`): `half` bytes per line, the tile's lines from `lines`. */
+static void int4_tile(const int16_t *pairs, const float *x_scales, const float *x_sums, const uint8_t *lines,
+                      int64_t half, int interleaved, const uint16_t *scales_and_zeros, int64_t n0, int64_t N,
+                      int64_t K, int64_t G, float *y) {
+    float total[64] = {0};
+    for (int64_t g = 0; g < K / G; g++) {
+        for (int64_t offset = 0; offset < half; offset += 16) {
+            const int width = half - offset >= 16 ? 16 : 8;
+            int32_t low[16], high[16];
+            int4_chunk(lines + g * G * half, half, offset, width, pairs + g * G / 2, G, low, high);
+            for (int i = 0; i < width; i++) {
+                const int64_t byte = offset + i;
+                const int64_t rows[2] = {interleaved ? 2 * byte : byte, interleaved ? 2 * byte + 1 : half + byte};
+                const int32_t sums[2] = {low[i], high[i]};
+                for (int h = 0; h < 2; h++) {
+                    const uint16_t *sz = scales_and_zeros + (g * N + n0 + rows[h]) * 2;
+                    const float scale = bf16_at(sz), zero = bf16_at(sz + 1);
+                    total[rows[h]] += scale * x_scales[g] * (float)sums[h] + (zero - 8 * scale) * x_sums[g];
+                }
+            }
+        }
+    }
+    for (int64_t r = 0; r < 2 * half; r++) y[n0 + r] = total[r];
+}
+
+/* x [K] float32, or bfloat16 bits where x_bf16; packed uint8 [N, K/2] in the tile layout of `block` rows (32 or 64); scales_and_zeros bfloat16
+ * [K/G, N, 2]; y float32 [N]. Returns 0, or -1 for a shape or block this kernel does not take (N a multiple of 16,
+ * G even and dividing K) or a failed allocation. */
+int gemv_int4_tiled(const void *x_values, int x_bf16, const uint8_t *packed, const uint16_t *scales_and_zeros,
+                    float *y, int64_t N, int64_t K, int64_t G, int64_t block, int threads) {
+    if ((block != 32 && block != 64) || N % 16 != 0 || G % 2 != 0 || K % G != 0) return -1;
+    float *x_copy;
+    const float *x = as_floats(x_values, K, x_bf16, &x_copy);
+    int16_t *pairs = malloc((size_t)(K / 2) * sizeof *pairs);
+    float *x_scales = malloc((size_t)(K / G) * sizeof *x_scales), *x_sums = malloc((size_t)(K / G) * sizeof *x_sums);
+    if (!x || !pairs || !x_scales || !x_sums) {
+        free(x_copy);
+        free(pairs);
+        free(x_scales);
+        free(x_sums);
+        return -1;
+    }
+    for (int64_t g = 0; g < K / G; g++) { /* each group rounded to int8 under its own scale */
+        float largest = 0.0f, sum = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+            largest = fmaxf(largest, fabsf(x[k]));
+            sum += x[k];
+        }
+        const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            const uint8_t first = (uint8_t)(int8_t)lrintf(x[k] / scale);
+            const uint8_t second = (uint8_t)(int8_t)lrintf(x[k + 1] / scale);
+            pairs[k / 2] = (int16_t)(uint16_t)(first | (uint16_t)second << 8);
+        }
+        x_scales[g] = scale;
+        x_sums[g] = sum;
+    }
+    const int64_t tiles = N / block, tail = N - tiles * block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t <= tiles; t++) {
+        if (t < tiles)
+            int4_tile(pairs, x_scales, x_sums, packed + t * block * K / 2, block / 2, 0, scales_and_zeros, t * block,
+                      N, K, G, y);
+        else if (tail)
+            int4_tile(pairs, x_scales, x_sums, packed + tiles * block * K / 2, tail / 2, 1, scales_and_zeros,
+                      tiles * block, N, K, G, y);
+    }
+    free(x_copy);
+    free(pairs);
+    free(x_scales);
+    free(x_sums);
+    return 0;
+}
+#else
+int gemv_int4_tiled(const void *x_values, int x_bf16, const uint8_t *packed, const uint16_t *scales_and_zeros,
+                    float *y, int64_t N, int64_t K, int64_t G, int64_t block, int threads) {
+    (void)x_values, (void)x_bf16, (void)packed, (void)scales_and_zeros, (void)y, (void)N, (void)K, (void)G;
+    (void)block, (void)threads;
+    return -1; /* the caller keeps torch's fused kernel */
+}
+#endif
+
+/* 1 when this build has the integer paths (AVX2): int8 weights times int16 activations, and the int4 kernel; 0 when
+ * int8 weights are widened to float (portable code) and int4 layers keep torch's fused kernel. */
 int gemv_integer_paths(void) {
 #if defined(__AVX2__)
     return 1;
