@@ -25,7 +25,8 @@ def test_bench_quant_prints_a_row_per_variant(capsys):
                  "--prompt-len", "4", "--new-tokens", "2", "--repeats", "1", "--bandwidth-mb", "64"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("measured read bandwidth:")
-    assert "decode step in one C call: float, int8; eager: int4 g32" in lines  # INT4 keeps torch's fused kernel
+    # INT4 takes the C step where the kernels are the AVX2 build (glm/cpu_decode.py), else the eager path
+    assert any(line.startswith("decode step in one C call: float, int8") for line in lines)
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("-----")) + 1:]
     rows = {line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]] for line in table}
     assert list(rows) == ["float", "int8", "int4 g32"]
