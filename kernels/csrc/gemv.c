@@ -329,10 +329,87 @@ INLINE void int4_chunk(const uint8_t *lines, int64_t half, int64_t offset, int w
     _mm_storeu_si128((__m128i *)(high + 12), wide[7]);
 }
 
-/* The rows of one tile (or of the tail, `interleaved`): `half` bytes per line, the tile's lines from `lines`. */
-static void int4_tile(const int16_t *pairs, const float *x_scales, const float *x_sums, const uint8_t *lines,
-                      int64_t half, int interleaved, const uint16_t *scales_and_zeros, int64_t n0, int64_t N,
-                      int64_t K, int64_t G, float *y) {
+/* As int4_chunk for 32 bytes of each line (the rows of a 64-row tile), 256 bits at a time. AVX2 unpacks within each
+ * 128-bit lane, so the first sums hold bytes 0-7 and 16-23, the second bytes 8-15 and 24-31; the stores put them back
+ * in byte order. */
+INLINE void int4_chunk32(const uint8_t *lines, int64_t half, int64_t offset, const int16_t *pairs, int64_t G,
+                         int32_t *low, int32_t *high) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i wide[8]; /* int32 sums: low bytes 0-7, 16-23, 8-15, 24-31, then the high nibbles the same way */
+    for (int i = 0; i < 8; i++) wide[i] = _mm256_setzero_si256();
+    for (int64_t k0 = 0; k0 < G; k0 += 16) { /* 8 pairs: int16 sums stay below 8 * 2 * 15 * 127 = 30,480 */
+        __m256i narrow[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                             _mm256_setzero_si256()};
+        for (int64_t k = k0; k < k0 + 16 && k < G; k += 2) {
+            const uint8_t *a = lines + k * half + offset, *b = a + half;
+            const __m256i la = _mm256_loadu_si256((const __m256i *)a), lb = _mm256_loadu_si256((const __m256i *)b);
+            const __m256i x = _mm256_set1_epi16(pairs[k / 2]);
+            const __m256i low_a = _mm256_and_si256(la, mask), low_b = _mm256_and_si256(lb, mask);
+            const __m256i high_a = _mm256_and_si256(_mm256_srli_epi16(la, 4), mask);
+            const __m256i high_b = _mm256_and_si256(_mm256_srli_epi16(lb, 4), mask);
+            narrow[0] = _mm256_add_epi16(narrow[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(low_a, low_b), x));
+            narrow[1] = _mm256_add_epi16(narrow[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(low_a, low_b), x));
+            narrow[2] = _mm256_add_epi16(narrow[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(high_a, high_b), x));
+            narrow[3] = _mm256_add_epi16(narrow[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(high_a, high_b), x));
+        }
+        for (int i = 0; i < 4; i++) {
+            wide[2 * i] = _mm256_add_epi32(wide[2 * i], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(narrow[i])));
+            wide[2 * i + 1] = _mm256_add_epi32(wide[2 * i + 1],
+                                               _mm256_cvtepi16_epi32(_mm256_extracti128_si256(narrow[i], 1)));
+        }
+    }
+    int32_t *const out[2] = {low, high};
+    for (int h = 0; h < 2; h++) {
+        _mm256_storeu_si256((__m256i *)out[h], wide[4 * h]);
+        _mm256_storeu_si256((__m256i *)(out[h] + 16), wide[4 * h + 1]);
+        _mm256_storeu_si256((__m256i *)(out[h] + 8), wide[4 * h + 2]);
+        _mm256_storeu_si256((__m256i *)(out[h] + 24), wide[4 * h + 3]);
+    }
+}
+
+/* The 2 * half rows of one full tile: each group's integer sums per row, then its scales and zeros applied eight rows
+ * at a time (a row's bfloat16 scale and zero are one 32-bit word: the scale in its low half, the zero in its high). */
+static void int4_full_tile(const int16_t *pairs, const float *x_scales, const float *x_sums, const uint8_t *lines,
+                           int64_t half, const uint16_t *scales_and_zeros, int64_t n0, int64_t N, int64_t K, int64_t G,
+                           float *y) {
+    typedef float v8f __attribute__((vector_size(32)));
+    float total[64] = {0};
+    int32_t sums[64];
+    for (int64_t g = 0; g < K / G; g++) {
+        const uint8_t *group = lines + g * G * half;
+        for (int64_t offset = 0; offset < half;) {
+            if (half - offset >= 32) {
+                int4_chunk32(group, half, offset, pairs + g * G / 2, G, sums + offset, sums + half + offset);
+                offset += 32;
+            } else {
+                const int width = half - offset >= 16 ? 16 : 8;
+                int32_t low[16], high[16];
+                int4_chunk(group, half, offset, width, pairs + g * G / 2, G, low, high);
+                memcpy(sums + offset, low, (size_t)width * sizeof *low);
+                memcpy(sums + half + offset, high, (size_t)width * sizeof *high);
+                offset += width;
+            }
+        }
+        const uint16_t *table = scales_and_zeros + (g * N + n0) * 2;
+        const v8f x_scale = _mm256_set1_ps(x_scales[g]), x_sum = _mm256_set1_ps(x_sums[g]);
+        for (int64_t r = 0; r < 2 * half; r += 8) {
+            const __m256i words = _mm256_loadu_si256((const __m256i *)(table + 2 * r));
+            const v8f scale = (v8f)_mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+            const v8f zero = (v8f)_mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u)));
+            const v8f row_sums = (v8f)_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(sums + r)));
+            v8f running;
+            memcpy(&running, total + r, sizeof running);
+            running += scale * x_scale * row_sums + (zero - 8 * scale) * x_sum;
+            memcpy(total + r, &running, sizeof running);
+        }
+    }
+    for (int64_t r = 0; r < 2 * half; r++) y[n0 + r] = total[r];
+}
+
+/* The R rows after the last full tile: `half` = R / 2 bytes per line, byte i holding rows 2i and 2i + 1. */
+static void int4_tail(const int16_t *pairs, const float *x_scales, const float *x_sums, const uint8_t *lines,
+                      int64_t half, const uint16_t *scales_and_zeros, int64_t n0, int64_t N, int64_t K, int64_t G,
+                      float *y) {
     float total[64] = {0};
     for (int64_t g = 0; g < K / G; g++) {
         for (int64_t offset = 0; offset < half; offset += 16) {
@@ -341,7 +418,7 @@ static void int4_tile(const int16_t *pairs, const float *x_scales, const float *
             int4_chunk(lines + g * G * half, half, offset, width, pairs + g * G / 2, G, low, high);
             for (int i = 0; i < width; i++) {
                 const int64_t byte = offset + i;
-                const int64_t rows[2] = {interleaved ? 2 * byte : byte, interleaved ? 2 * byte + 1 : half + byte};
+                const int64_t rows[2] = {2 * byte, 2 * byte + 1};
                 const int32_t sums[2] = {low[i], high[i]};
                 for (int h = 0; h < 2; h++) {
                     const uint16_t *sz = scales_and_zeros + (g * N + n0 + rows[h]) * 2;
@@ -390,10 +467,10 @@ int gemv_int4_tiled(const void *x_values, int x_bf16, const uint8_t *packed, con
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t <= tiles; t++) {
         if (t < tiles)
-            int4_tile(pairs, x_scales, x_sums, packed + t * block * K / 2, block / 2, 0, scales_and_zeros, t * block,
-                      N, K, G, y);
+            int4_full_tile(pairs, x_scales, x_sums, packed + t * block * K / 2, block / 2, scales_and_zeros,
+                           t * block, N, K, G, y);
         else if (tail)
-            int4_tile(pairs, x_scales, x_sums, packed + tiles * block * K / 2, tail / 2, 1, scales_and_zeros,
+            int4_tail(pairs, x_scales, x_sums, packed + tiles * block * K / 2, tail / 2, scales_and_zeros,
                       tiles * block, N, K, G, y);
     }
     free(x_copy);
