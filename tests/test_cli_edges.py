@@ -62,3 +62,14 @@ def test_the_cli_and_the_demo_say_what_the_embedded_models_know(capsys):
     assert "not for photos" not in shown  # a real checkpoint is not limited to the world
     engine.name = EMBEDDED_NAME
     assert "not for photos" in json.dumps(build_app(engine).config, ensure_ascii=False, default=str)
+
+
+def test_train_passes_its_scene_pool_size_and_refuses_an_empty_one(monkeypatch, tmp_path, capsys):
+    from multimodal.training import judge
+
+    seen = {}
+    monkeypatch.setattr(judge, "train_judge", lambda out, tokenizer, **kwargs: seen.update(kwargs) or out)
+    assert main(["train", "judge", "--out", str(tmp_path / "judge"), "--steps", "3", "--scenes", "50000"]) == 0
+    assert seen["scenes"] == 50000 and seen["steps"] == 3
+    assert main(["train", "judge", "--out", str(tmp_path / "judge"), "--scenes", "0"]) == 1
+    assert "--scenes must be at least 1" in capsys.readouterr().err

@@ -45,6 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="recipe: multiply every stage's steps (the defaults are the CPU recipe's)")
     parser.add_argument("--eval-count", type=int, default=1000, help="recipe: test items per understanding measure")
+    parser.add_argument("--scenes", type=int, default=20000,
+                        help="judge, vlm, diffusion, recipe: how many train-split scenes the batches draw from")
     parser.set_defaults(func=run)
 
 
@@ -77,14 +79,16 @@ def run(args: argparse.Namespace) -> int:
 
         record = run_recipe(out, Path(args.tokenizer) if args.tokenizer else asset_path("tokenizer.json"),
                             args.device, RecipeSteps().scaled(args.scale), args.seed, args.eval_count,
-                            max(2, args.eval_count // 5))
+                            max(2, args.eval_count // 5), args.scenes)
         print(json.dumps(record["seconds"]))
         return 0
 
     from multimodal.assets import load_world_tokenizer
 
     tokenizer = load_world_tokenizer(args.tokenizer)
-    budget = {"minutes": args.minutes} | ({"steps": args.steps} if args.steps else {})
+    if args.scenes < 1:
+        raise ValueError(f"--scenes must be at least 1, not {args.scenes}.")
+    budget = {"minutes": args.minutes, "scenes": args.scenes} | ({"steps": args.steps} if args.steps else {})
     if args.model == "judge":
         from multimodal.training import judge as recipe
     elif args.model == "vlm":
