@@ -6,19 +6,21 @@ Backends:
 - "gemv" (int8 only): the decode kernel of `kernels/cpu_gemv.py` for a few rows (built on first use; int8 weights
   times int16-rounded activations, in integers where the CPU has AVX2).
 - "planes" (int8 only): integer matmuls on two int8 planes of the activations (`kernels.int8.int8_matmul_planes`).
-- "dequantized" (int4 only): the CPU-tiled weight dequantized to bfloat16 per call, then a bfloat16 matmul
-  (`kernels.int4.int4_matmul_dequantized`).
+- "dequantized": int4, the CPU-tiled weight dequantized to bfloat16 per call, then a bfloat16 matmul
+  (`kernels.int4.int4_matmul_dequantized`); int8, the weight converted to x's dtype, a float matmul, then the scales
+  (`kernels.int8.int8_matmul_dequantized`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "auto": Triton on CUDA when Triton is installed. On the CPU, for int8: the gemv kernel up to GEMV_MAX_ROWS rows
-  (where it builds; any K), the planes path from PLANES_MIN_ROWS rows, the fused kernel between; for int4 (where the
-  shape allows the tile layout): the dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
+  (where it builds; any K), the dequantized path from its DEQUANTIZED_MIN_ROWS rows, the planes path from
+  PLANES_MIN_ROWS rows below that, the fused kernel between; for int4 (where the shape allows the tile layout): the
+  dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
   Otherwise the reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does
   not know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd
   projection; it is only slower there. Forcing "cpu" on such a shape is a ValueError.
 
 The functions take x of any leading shape [..., K] and return [..., N] in x's dtype. The fused CPU kernels compute
-in bfloat16 whatever x's dtype (`_in_bf16`), as does the dequantized path; the planes and gemv paths take x as it
-comes.
+in bfloat16 whatever x's dtype (`_in_bf16`), as does int4's dequantized path; the planes, gemv and int8 dequantized
+paths take x as it comes.
 The bias is not handled here: the modules in `multimodal/quantize.py` add it after the matmul.
 """
 
@@ -39,9 +41,13 @@ from kernels.int4 import (
     to_cpu_int4pack,
 )
 from kernels.int8 import (
+    DEQUANTIZED_MIN_ROWS as INT8_DEQUANTIZED_MIN_ROWS,
+)
+from kernels.int8 import (
     PLANES_MIN_ROWS,
     cpu_int8pack_supported,
     int8_matmul_cpu,
+    int8_matmul_dequantized,
     int8_matmul_planes,
     int8_matmul_ref,
 )
@@ -81,15 +87,14 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
             backend = "triton"
         elif x.device.type == "cpu" and x.numel() <= GEMV_MAX_ROWS * in_features and cpu_gemv.available():
             backend = "gemv"
+        elif x.device.type == "cpu" and x.numel() >= INT8_DEQUANTIZED_MIN_ROWS * in_features:
+            backend = "dequantized"
         elif x.device.type == "cpu" and x.numel() >= PLANES_MIN_ROWS * in_features:
             backend = "planes"
         elif x.device.type == "cpu" and cpu_int8pack_supported(in_features):
             backend = "cpu"
         else:
             backend = "reference"
-    if backend == "dequantized":
-        raise ValueError("The dequantized path reads int4 weights; int8 layers take auto, reference, cpu, gemv, "
-                         "planes or triton.")
     if backend in ("planes", "gemv") and x.device.type != "cpu":
         raise ValueError(f"The int8 {backend} path runs on the CPU only.")
     if backend == "gemv" and not cpu_gemv.available():
@@ -105,6 +110,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
         out = _in_bf16(flat, lambda x: int8_matmul_cpu(x, weight, scales))
     elif backend == "planes":
         out = int8_matmul_planes(flat, weight, scales)
+    elif backend == "dequantized":
+        out = int8_matmul_dequantized(flat, weight, scales)
     elif backend == "gemv":
         out = cpu_gemv.int8_gemv(flat, weight, scales).to(x.dtype)
     else:

@@ -12,7 +12,10 @@ that step. The error is at most max|x_row| / (127 * 2 * 254) per element, about 
 below bfloat16's rounding of that value (2^-9), so the result is as exact as the fused kernel's bfloat16 one. It
 pays from 8 rows up (prefill, batched decode): 1.2-2.1x the fused kernel's tokens/s in `multimodal bench quant`.
 Fewer rows take the decode kernel (`kernels/cpu_gemv.py`), which reads each weight once where the two planes would
-read it twice.
+read it twice. From DEQUANTIZED_MIN_ROWS rows (long prefills, the embedded models' batched prompts) the dequantized
+path converts the weight to the activations' dtype once per call (exact: an int8 fits bfloat16's significand) and
+runs the float matmul, the scales applied to its output: its conversion pass costs 1/M of the matmul, while the planes
+split and rescale every activation.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 INT8_CPU_K_MULTIPLE = 16
 PLANE_STEP = 254  # the low plane counts in 1/254 of the high plane's unit: its remainder in [-0.5, 0.5] -> [-127, 127]
 PLANES_MIN_ROWS = 8  # from here on the planes path beats the fused kernel (`multimodal bench quant --batch-size`)
+DEQUANTIZED_MIN_ROWS = 128  # from here on the dequantized path beats the planes (`multimodal bench quant --prompt-len`)
 
 
 def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -46,6 +50,11 @@ def int8_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
     """torch's fused CPU kernel: reads int8 weights directly, no float copy of the weight. x [M, K] -> [M, N]."""
     # The fused op wants the scales in the activation dtype.
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales.to(x.dtype))
+
+
+def int8_matmul_dequantized(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weight as x's dtype (exact), one float matmul, then the per-channel scales. x [M, K] -> [M, N]."""
+    return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 
 def activation_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,12 +15,14 @@ from kernels.int4 import (
     to_cpu_int4pack,
     unpack_int4,
 )
+from kernels.int8 import DEQUANTIZED_MIN_ROWS as INT8_DEQUANTIZED_MIN_ROWS
 from kernels.int8 import (
     PLANE_STEP,
     PLANES_MIN_ROWS,
     activation_planes,
     dequantize_int8,
     int8_matmul_cpu,
+    int8_matmul_dequantized,
     int8_matmul_planes,
     int8_matmul_ref,
 )
@@ -119,20 +121,37 @@ def _record_calls(patch: pytest.MonkeyPatch, names: tuple[str, ...], calls: list
         patch.setattr(dispatch, name, recorded)
 
 
-def test_int8_auto_takes_the_planes_from_their_row_count_and_the_fused_kernel_below():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,out_features,in_features", [(128, 64, 128), (200, 17, 45), (1, 5, 7)])
+def test_int8_dequantized_matches_the_float64_linear(rows, out_features, in_features, dtype):
+    generator = torch.Generator().manual_seed(rows * 10 + in_features)
+    weight, scales = _random_int8(out_features, in_features, generator)
+    x = (torch.randn(rows, in_features, generator=generator) * 3).to(dtype)
+    dequantized = weight.double() * scales.double()[:, None]  # [N, K]
+    expected = x.double() @ dequantized.T
+    out = int8_matmul_dequantized(x, weight, scales)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    # The int8 weight is exact in either dtype; the matmul's sums, its rounding to x's dtype and the scaling add the
+    # rest: about 2^-8 relative in bfloat16 (two roundings), float32 sums in float32.
+    terms = x.double().abs() @ dequantized.abs().T
+    bound = terms * (2**-7 if dtype == torch.bfloat16 else 1e-5)
+    assert ((out.double() - expected).abs() <= bound + 1e-7).all()
+
+
+def test_int8_auto_takes_the_planes_or_the_dequantized_path_from_their_row_counts_and_the_fused_kernel_below():
     generator = torch.Generator().manual_seed(12)
     weight, scales = _random_int8(32, 64, generator)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
-        _record_calls(patch, ("int8_matmul_cpu", "int8_matmul_planes"), calls)
-        for rows in (GEMV_MAX_ROWS + 1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40):  # fewer: tests/test_cpu_gemv.py
+        _record_calls(patch, ("int8_matmul_cpu", "int8_matmul_planes", "int8_matmul_dequantized"), calls)
+        for rows in (GEMV_MAX_ROWS + 1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40, INT8_DEQUANTIZED_MIN_ROWS - 1,
+                     INT8_DEQUANTIZED_MIN_ROWS, 300):  # fewer: tests/test_cpu_gemv.py
             x = torch.randn(rows, 64, generator=generator)
             out = int8_linear(x, weight, scales)
             torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
                 torch.bfloat16, out))
-    assert calls == ["int8_matmul_cpu", "int8_matmul_cpu", "int8_matmul_planes", "int8_matmul_planes"]
-    with pytest.raises(ValueError, match="int4 weights"):
-        int8_linear(torch.randn(2, 64), weight, scales, backend="dequantized")
+    assert calls == ["int8_matmul_cpu", "int8_matmul_cpu"] + ["int8_matmul_planes"] * 3 + [
+        "int8_matmul_dequantized"] * 2
     with pytest.raises(ValueError, match="int8 weights"):
         int4_linear(torch.randn(2, 64), *_random_int4(16, 64, 32, generator), 32, backend="planes")
 

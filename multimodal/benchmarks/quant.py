@@ -47,8 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--float-kernel", default="auto", choices=("auto", "onednn"),
                         help="the float variant's CPU path (onednn: prepacked oneDNN at every batch; auto: the decode "
                              "kernel for single rows)")
-    parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "gemv", "planes", "reference",
-                                                                  "triton"),
+    parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "gemv", "planes", "dequantized",
+                                                                  "reference", "triton"),
                         help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "cpu", "dequantized", "reference", "triton"),
                         help="the int4 variant's kernel path (cpu: the fused kernel at every batch)")
