@@ -1,4 +1,5 @@
-"""Decode-time matrix-vector products on the CPU (`kernels/csrc/gemv.c`), built on first use with the C compiler.
+"""Decode-time matrix-vector products on the CPU (`kernels/csrc/gemv.c`), built on first use with the C compiler,
+together with the whole decode step that calls them (`kernels/csrc/decode.c`, driven by `glm/cpu_decode.py`).
 
 At batch 1 every decode step reads each weight once, and torch's CPU kernels read them at a fraction of the memory
 bandwidth. On one Zen 5 core `multimodal bench quant --threads 1 [--float-kernel onednn --int8-kernel cpu]` measures
