@@ -119,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     load_into(plain, convert(hf.state_dict(), HF_TABLE))
     plain = plain.to(args.device).eval()
     stacks = {"ours": pack_for_cpu(copy.deepcopy(plain)) if args.device == "cpu" else plain}
-    prepare_decode_steps(stacks, args)
     if args.plain:
         stacks["ours-plain"] = plain
     print(f"GLM {args.preset}: {param_count(config) / 1e6:.0f}M parameters, {args.dtype}, {args.device}, "
           f"{args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
           f"best of {args.repeats}, {args.clock} clock")
+    prepare_decode_steps({"ours": stacks["ours"]}, args)
 
     bandwidth = read_bandwidth(args.device, args.bandwidth_mb << 20)
     read_per_step = weight_bytes(plain)[1]  # every weight once per decode step (an embedding: one row)
