@@ -10,7 +10,7 @@ activation row is written as two int8 planes under one float scale, x = scale * 
 plane is the row rounded to 127 levels of its largest magnitude, the low plane the rounding remainder at 1/254 of
 that step. The error is at most max|x_row| / (127 * 2 * 254) per element, about 1.6e-5 of the row's largest value:
 below bfloat16's rounding of that value (2^-9), so the result is as exact as the fused kernel's bfloat16 one. It
-pays from 8 rows up (prefill, batched decode): 1.2-2.1x the fused kernel's tokens/s in `multimodal bench quant`.
+pays from 8 rows up (batched decode): 1.2-1.3x the fused kernel's tokens/s in `multimodal bench quant --batch-size 8`.
 Fewer rows take the decode kernel (`kernels/cpu_gemv.py`), which reads each weight once where the two planes would
 read it twice. From DEQUANTIZED_MIN_ROWS rows (long prefills, the embedded models' batched prompts) the dequantized
 path converts the weight to the activations' dtype once per call (exact: an int8 fits bfloat16's significand) and
