@@ -55,6 +55,25 @@ def test_int8_answers_stay_above_the_floors():
         assert result.value >= FLOORS[kind] - 0.05, result.line()
 
 
+def test_the_loaded_vlm_decodes_through_the_c_step_as_the_eager_path_does(engine):
+    from kernels import cpu_gemv
+
+    model = engine.chat_model.model
+    if not cpu_gemv.available():
+        assert model.cpu_decoder is None
+        return
+    assert model.cpu_decoder is not None  # attached by Engine.load on the CPU
+    image = engine.scene(2_000_003)
+    questions = ["Where is the dog?", "Describe the image.", "How many objects are there?", "图中有几个物体？"]
+    fast = [engine.ground(image, question).text for question in questions]
+    decoder, model.cpu_decoder = model.cpu_decoder, None
+    try:
+        eager = [engine.ground(image, question).text for question in questions]
+    finally:
+        model.cpu_decoder = decoder
+    assert fast == eager  # float32 in both: the same greedy tokens
+
+
 def test_drawing_a_dog_with_a_hat_gives_both_stages(engine):
     drawing = engine.draw("a dog with a hat", seed=0)
     height, width = engine.draw_sizes[0]
