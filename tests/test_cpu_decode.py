@@ -97,9 +97,22 @@ def test_generation_through_the_step_equals_eager_generation():
     prepare_cpu_decode(model)
     assert model.cpu_decoder is not None
     assert generate_module.generate(model, prompts, config) == expected
-    wide = [[3 + row, 4] for row in range(MAX_ROWS + 1)]  # more rows than the step takes: the eager path
+    assert model.cpu_decoder.max_rows == 1  # a float model batches on the eager path
+    wide = [[3 + row, 4] for row in range(MAX_ROWS + 1)]
     assert generate_module.generate(model, wide, config) == generate_module.generate(_model("tiny", torch.float32, 5),
                                                                                      wide, config)
+
+
+def test_quantized_models_take_a_few_rows_through_the_step(monkeypatch):
+    model = prepare_cpu_decode(_model("tiny-glm4", torch.float32, 6, "int8"))
+    assert model.cpu_decoder.max_rows == MAX_ROWS
+    calls = []
+    step = model.cpu_decoder.step
+    monkeypatch.setattr(model.cpu_decoder, "step", lambda *args: calls.append(len(args[0])) or step(*args))
+    config = generate_module.SamplingConfig(max_new_tokens=4)
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        generate_module.generate(model, [[5 + row, 6] for row in range(rows)], config)
+    assert calls == [1] * 3 + [MAX_ROWS] * 3  # more rows: the eager path
 
 
 def test_packed_and_quantized_models_get_a_decoder_and_forced_ones_do_not():
