@@ -135,3 +135,24 @@ def test_out_of_range_token_or_slot_is_one_clear_error():
         decoder.step(torch.tensor([model.config.vocab_size]), torch.tensor([0]), 0, cache, None)
     with pytest.raises(ValueError, match="out of range"):
         decoder.step(torch.tensor([1]), torch.tensor([0]), 4, cache, None)
+
+
+def test_a_long_context_splits_the_heads_over_threads_with_the_same_logits():
+    config = GLMConfig(vocab_size=320, hidden_size=64, num_layers=2, num_heads=8, num_kv_groups=1, head_dim=16,
+                       ffn_hidden_size=88, max_seq_len=1024)
+    model = GLMModel(config).init_weights(std=0.08, generator=torch.Generator().manual_seed(9)).eval()
+    twin = _float64_twin(model)
+    ids = torch.randint(1, 320, (1, 700), generator=torch.Generator().manual_seed(10))
+    ours_cache, reference_cache = model.allocate_cache(1, 702), twin.allocate_cache(1, 702)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 700 slots x 8 heads of one group: the parallel branch of decode.c's attention
+    try:
+        with torch.inference_mode():
+            model(ids, cache=ours_cache)
+            twin(ids, cache=reference_cache)
+            token, position = ids[:, -1], torch.tensor([700])
+            ours = CpuDecoder(model).step(token, position, 700, ours_cache, None).double()
+            expected = generate_module.decode_one_token(twin, token, position, 700, reference_cache, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert (ours - expected).abs().amax() <= 3e-6 * expected.abs().amax()

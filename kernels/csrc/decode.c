@@ -143,19 +143,23 @@ static const float *cache_floats(const void *cache, int64_t start, int64_t count
 }
 
 /* One row's attention: each query head over the cache slots [0, slot] it may see, its group's keys and values.
- * `scratch` holds 2 * (slot + 1) * head_dim + slot + 1 floats. */
+ * A group's keys and values are read as float once; its heads then run in parallel (long contexts make this the
+ * step's largest work outside the matmuls). `scratch` holds ATTENTION_SCRATCH floats. */
+#define ATTENTION_SCRATCH(d, S) ((2 * (d)->head_dim + (d)->heads / (d)->groups) * (S))
 static void attend(const Decoder *d, const Block *b, int64_t row, const float *q, int64_t slot, const uint8_t *valid,
-                   float *scratch, float *out) {
+                   float *scratch, float *out, int threads) {
     const int64_t D = d->head_dim, per_group = d->heads / d->groups, S = slot + 1;
     const float scale = 1.0f / sqrtf((float)D);
-    float *scores = scratch, *key_buffer = scores + S, *value_buffer = key_buffer + S * D;
+    float *key_buffer = scratch, *value_buffer = key_buffer + S * D, *score_rows = value_buffer + S * D;
     for (int64_t g = 0; g < d->groups; g++) {
         const int64_t first = (row * d->groups + g) * d->cache_len * D; /* slot 0 of this row and group */
         const float *keys = cache_floats(b->keys, first, S * D, (int)d->cache_bf16, key_buffer);
         const float *values = cache_floats(b->values, first, S * D, (int)d->cache_bf16, value_buffer);
-        for (int64_t h = g * per_group; h < (g + 1) * per_group; h++) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (S * per_group >= 4096)
+        for (int64_t j = 0; j < per_group; j++) {
+            const int64_t h = g * per_group + j;
             const float *query = q + h * D;
-            float largest = -INFINITY, total = 0.0f;
+            float *scores = score_rows + j * S, largest = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < S; s++) {
                 scores[s] = valid && !valid[s] && s != slot ? -INFINITY : dot(query, keys + s * D, D) * scale;
                 largest = fmaxf(largest, scores[s]);
@@ -177,8 +181,9 @@ static int block_step(const Decoder *d, const Block *b, float *x, int64_t M, con
                       const uint8_t *valid, int64_t valid_stride, float *work, int threads) {
     const int64_t C = d->hidden, D = d->head_dim, H = d->heads, G = d->groups, F = d->ffn;
     const int64_t qkv_size = (H + 2 * G) * D, wide = 2 * F > qkv_size ? 2 * F : qkv_size;
-    float *normed = work, *projected = normed + M * C, *mixed = projected + M * wide, *delta = mixed + M * F;
-    float *scratch = delta + M * C, *padded = scratch + (2 * d->head_dim + 1) * (slot + 1);
+    const int64_t inner = F > H * D ? F : H * D; /* attention output, then the MLP's gated values */
+    float *normed = work, *projected = normed + M * C, *mixed = projected + M * wide, *delta = mixed + M * inner;
+    float *scratch = delta + M * C, *padded = scratch + ATTENTION_SCRATCH(d, slot + 1);
     for (int64_t m = 0; m < M; m++) rms_norm(x + m * C, b->attn_norm, normed + m * C, C, d->eps);
     if (linear(&b->qkv, normed, projected, M, padded, threads)) return -1;
     for (int64_t m = 0; m < M; m++) {
@@ -194,7 +199,7 @@ static int block_step(const Decoder *d, const Block *b, float *x, int64_t M, con
                 store_element(b->values, at + i, d->cache_bf16, v[g * D + i]);
             }
         }
-        attend(d, b, m, q, slot, valid ? valid + m * valid_stride : 0, scratch, mixed + m * H * D);
+        attend(d, b, m, q, slot, valid ? valid + m * valid_stride : 0, scratch, mixed + m * H * D, threads);
     }
     if (linear(&b->dense, mixed, delta, M, padded, threads)) return -1;
     for (int64_t i = 0; i < M * C; i++) x[i] += delta[i];
@@ -220,13 +225,14 @@ int glm_decode_step(const Decoder *d, const int64_t *tokens, const int64_t *posi
         if (tokens[m] < 0 || tokens[m] >= d->vocab || positions[m] < 0 || positions[m] >= d->table_len) return -2;
     const int64_t C = d->hidden, qkv_size = (d->heads + 2 * d->groups) * d->head_dim;
     const int64_t wide = 2 * d->ffn > qkv_size ? 2 * d->ffn : qkv_size;
+    const int64_t inner = d->ffn > d->heads * d->head_dim ? d->ffn : d->heads * d->head_dim;
     int64_t widest = C; /* the padded int8 input rows */
     for (int64_t n = 0; n < d->num_blocks; n++) {
         const Linear *all[4] = {&d->blocks[n].qkv, &d->blocks[n].dense, &d->blocks[n].gate_up, &d->blocks[n].down};
         for (int i = 0; i < 4; i++) widest = all[i]->stride > widest ? all[i]->stride : widest;
     }
     widest = d->output.stride > widest ? d->output.stride : widest;
-    const int64_t work_size = M * (C + wide + d->ffn + C) + (2 * d->head_dim + 1) * (slot + 1) + M * widest;
+    const int64_t work_size = M * (C + wide + inner + C) + ATTENTION_SCRATCH(d, slot + 1) + M * widest;
     float *x = malloc((size_t)(M * C) * sizeof *x), *work = malloc((size_t)work_size * sizeof *work);
     int status = x && work ? 0 : -1;
     for (int64_t m = 0; !status && m < M; m++)
