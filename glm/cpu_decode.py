@@ -24,10 +24,11 @@ from torch import nn
 from glm.model import GLMAttention, GLMBlock, GLMModel, KVCache, RMSNorm, SwiGLU
 from kernels import cpu_gemv
 
-MAX_ROWS = 4  # quantized models; beyond this torch's batched kernels read weights once for all rows
-# A float linear takes one row only: for several rows oneDNN's prepacked matmul beats the float gemv kernel (at 4
-# rows of a bfloat16 11264 x 1024 weight, 0.9 ms against 2.4-2.8 ms on one Zen 5 core), so float models decode
-# batches on the eager path.
+MAX_ROWS = 4  # quantized models, and bfloat16 ones where the kernels multiply in bfloat16 (AVX512_BF16)
+# A float32 linear, or a bfloat16 one where the kernel widens to float, takes one row only: for several rows
+# oneDNN's prepacked matmul beats widening (at 4 rows of a bfloat16 11264 x 1024 weight, 0.9 ms against 2.4-2.8 ms
+# on one Zen 5 core), so such models decode batches on the eager path. With `vdpbf16ps` a bfloat16 198M model
+# decodes 2 rows at 116 tok/s against eager 61 and 4 at 178 against 150, but 8 at 176 against 236.
 KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4 = 0, 1, 2, 3
 
 
@@ -64,6 +65,7 @@ class CpuDecoder:
                                c_int]
         self._step.restype = c_int
         self.integer_paths = lib.gemv_integer_paths() == 1  # int4 layers need the AVX2 build
+        self.bf16_rows = lib.gemv_bf16_rows()  # > 0 where bfloat16 weights multiply in bfloat16
         if not model.layers:
             raise Unsupported("a model without blocks")
         self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to stays alive with the decoder
@@ -95,7 +97,9 @@ class CpuDecoder:
             raise Unsupported("an output layer narrower or wider than the vocabulary")
         linears = [self.decoder.output] + [getattr(block, name) for block in self.blocks
                                            for name in ("qkv", "dense", "gate_up", "down")]
-        self.max_rows = 1 if any(linear.kind in (KIND_BF16, KIND_F32) for linear in linears) else MAX_ROWS
+        kinds = {linear.kind for linear in linears}
+        bf16_rows = MAX_ROWS if self.bf16_rows >= MAX_ROWS else 1
+        self.max_rows = 1 if KIND_F32 in kinds else bf16_rows if KIND_BF16 in kinds else MAX_ROWS
         self.vocab = self.decoder.vocab
         self._cache_key: tuple | None = None
 

@@ -59,6 +59,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
+    lib.gemv_bf16_rows.restype = ctypes.c_int
     return lib
 
 

@@ -116,8 +116,8 @@ def test_quantized_models_take_a_few_rows_through_the_step(monkeypatch):
 
 
 def test_packed_and_quantized_models_get_a_decoder_and_forced_ones_do_not():
-    packed = generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1))
-    assert prepare_cpu_decode(packed).cpu_decoder is not None
+    packed = prepare_cpu_decode(generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1)))
+    assert packed.cpu_decoder.max_rows == (MAX_ROWS if cpu_gemv.library().gemv_bf16_rows() >= MAX_ROWS else 1)
     assert prepare_cpu_decode(generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1), decode_kernel=False)
                               ).cpu_decoder is None  # oneDNN's packed weight alone: nothing for the step to read
     assert prepare_cpu_decode(_model("tiny-glm4", torch.float32, 1, "int8")).cpu_decoder is not None

@@ -49,12 +49,14 @@ def test_int8_kernel_matches_float64_within_its_rounding(target, in_integers, ro
 @needs_kernels
 @pytest.mark.parametrize("target, in_integers", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows, in_features", [(1, 1), (1, 31), (1, 33), (1, 1024), (3, 100), (6, 257)])
+@pytest.mark.parametrize("rows, in_features", [(1, 1), (1, 31), (1, 33), (1, 1024), (3, 100), (6, 257), (9, 130)])
 def test_float_kernels_match_float64(target, in_integers, dtype, rows, in_features):
     lib = _library(target)
     generator = torch.Generator().manual_seed(rows * 7 + in_features)
     weight = torch.randn(29, in_features, generator=generator).to(dtype)
     x = torch.randn(rows, in_features, generator=generator)
+    if dtype == torch.bfloat16 and lib.gemv_bf16_rows() > 0:
+        x = x.bfloat16().float()  # AVX512_BF16 builds round the activations to bfloat16, as a bfloat16 model has them
     expected = x.double() @ weight.double().T
     out = cpu_gemv.float_gemv(x, weight, lib)
     bound = 1e-5 * (x.double().abs() @ weight.double().abs().T)  # float32 sums of exact products
@@ -159,3 +161,14 @@ def test_without_a_compiler_the_kernels_are_off_with_one_warning(monkeypatch):
     finally:
         cpu_gemv.build.cache_clear()
         cpu_gemv.library.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+def test_bfloat16_weights_round_the_activations_only_where_the_cpu_multiplies_in_bfloat16(target, in_integers):
+    lib = _library(target)
+    x = torch.tensor([[1.0 + 2**-10, 1.0]])  # the first value is not a bfloat16
+    out = cpu_gemv.float_gemv(x, torch.ones(1, 2, dtype=torch.bfloat16), lib)
+    assert out.item() == (2.0 if lib.gemv_bf16_rows() > 0 else 2.0 + 2**-10)
+    if target != "native":  # the explicit targets lack AVX512_BF16
+        assert lib.gemv_bf16_rows() == 0

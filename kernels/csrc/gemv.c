@@ -11,11 +11,13 @@
  * which move into float sums every FLUSH_STEPS steps, long before they could overflow. Widening int8 to float
  * instead costs three instructions per 8 weights and cannot keep up with memory on one core. int4 weights (one row,
  * torch's CPU tile layout) multiply in integers too, against activations rounded to int8 per group (see below).
+ * bfloat16 weights multiply in bfloat16 where the CPU has AVX512_BF16 (`vdpbf16ps`, 32 pairs per instruction,
+ * activations rounded to bfloat16 as a bfloat16 model holds them), for up to BF16_ROWS rows per pass.
  *
  * The rest is GCC vector extensions, so one source builds for any target, and `-march=native` picks the code for
  * the CPU at hand (`kernels/cpu_gemv.py` builds it; the tests also build it for AVX2 alone and for plain x86-64, the
- * paths this CPU does not take). Vectors are 256 bits wide even where AVX-512 exists: on Zen 5 the 512-bit versions
- * of these loops measured slower, for int8 and bfloat16 weights alike. Threads split the output rows (OpenMP).
+ * paths this CPU does not take). Vectors are 256 bits wide even where AVX-512 exists, but for `vdpbf16ps`: on Zen 5
+ * the 512-bit versions of the widening loops measured slower. Threads split the output rows (OpenMP).
  */
 #include <math.h>
 #include <stdint.h>
@@ -265,11 +267,80 @@ int gemv_int8(const void *x, int x_bf16, const int8_t *w, const void *scale, int
     return ok ? 0 : -1;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define BF16_ROWS 8 /* activation rows per pass over a bfloat16 weight row */
+
+/* out[r] = dot(bfloat16 activation row r, bfloat16 weight row): 32 pairs per `vdpbf16ps` into float32 sums, two
+ * accumulators per row; where the CPU has AVX512_BF16 this keeps up with memory for up to BF16_ROWS rows, where
+ * widening to float (above) is bound by its instruction count from two rows on. */
+INLINE void bf16_dot_rows(const uint16_t *x, int64_t K, int rows, const uint16_t *row, float *out) {
+    __m512 acc[BF16_ROWS][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k), w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) {
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_loadu_si512(x + r * K + k));
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, (__m512bh)_mm512_loadu_si512(x + r * K + k + 32));
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t t = k; t < K; t++) s += weight_at(row, t, BF16) * weight_at(x + r * K, t, BF16);
+        out[r] = s;
+    }
+}
+
+static uint16_t round_to_bf16(float f) { /* nearest even, as torch's conversion */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* x float32 [M, K] (rounded to bfloat16 here, as a bfloat16 model's activations are); w bfloat16 bits [N, K]. */
+void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    uint16_t *xb = malloc((size_t)(M * K) * sizeof *xb);
+    if (!xb) { /* no buffer: the widening kernel, which needs none */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, BF16);
+        return;
+    }
+    for (int64_t i = 0; i < M * K; i++) xb[i] = round_to_bf16(x[i]);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[BF16_ROWS];
+        for (int64_t m0 = 0; m0 < M; m0 += BF16_ROWS) {
+            const int64_t rows = M - m0 < BF16_ROWS ? M - m0 : BF16_ROWS;
+            const uint16_t *xr = xb + m0 * K, *row = w + n * K;
+            switch (rows) { /* constant row counts, so the accumulators stay in registers */
+                case 1: bf16_dot_rows(xr, K, 1, row, out); break;
+                case 2: bf16_dot_rows(xr, K, 2, row, out); break;
+                case 3: bf16_dot_rows(xr, K, 3, row, out); break;
+                case 4: bf16_dot_rows(xr, K, 4, row, out); break;
+                case 5: bf16_dot_rows(xr, K, 5, row, out); break;
+                case 6: bf16_dot_rows(xr, K, 6, row, out); break;
+                case 7: bf16_dot_rows(xr, K, 7, row, out); break;
+                default: bf16_dot_rows(xr, K, 8, row, out); break;
+            }
+            for (int64_t r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r];
+        }
+    }
+    free(xb);
+}
+
+int gemv_bf16_rows(void) { return BF16_ROWS; }
+#else
 /* x float32 [M, K]; w bfloat16 bits [N, K]; y float32 [M, N]. */
 void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, BF16);
 }
+
+/* 0: this build widens bfloat16 weights to float and keeps float32 activations (one row per pass pays; see above). */
+int gemv_bf16_rows(void) { return 0; }
+#endif
 
 /* x float32 [M, K]; w float32 [N, K]; y float32 [M, N]. */
 void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
