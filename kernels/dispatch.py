@@ -11,8 +11,9 @@ Backends:
   (`kernels.int8.int8_matmul_dequantized`).
 - "triton": the Triton W8A16 / W4A16 kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 - "auto": Triton on CUDA when Triton is installed. On the CPU, for int8: the gemv kernel up to GEMV_MAX_ROWS rows
-  (where it builds; any K), the dequantized path from its DEQUANTIZED_MIN_ROWS rows, the planes path from
-  PLANES_MIN_ROWS rows below that, the fused kernel between; for int4 (where the shape allows the tile layout): the
+  (where it builds; any K), the dequantized path from its DEQUANTIZED_MIN_ROWS rows (and from PLANES_MIN_ROWS for
+  a weight of at most INT8_SMALL_WEIGHT elements), the planes path from PLANES_MIN_ROWS rows below that, the fused
+  kernel between; for int4 (where the shape allows the tile layout): the
   dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
   Otherwise the reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does
   not know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd
@@ -57,6 +58,9 @@ BACKENDS = ("auto", "reference", "cpu", "gemv", "planes", "dequantized", "triton
 # --threads 1 --batch-size 2|4 --int8-kernel gemv|cpu` decodes 128.8 against 76.3 tok/s at 2 rows, 153.0 against
 # 128.2 at 4.
 GEMV_MAX_ROWS = 4
+# A weight this small converts to float in cache for less than the planes cost (the embedded VLM's 192-wide layers:
+# `multimodal eval vqa --quant int8` decodes batches of 32 rows).
+INT8_SMALL_WEIGHT = 1 << 20
 CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
 
 
@@ -87,7 +91,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bac
             backend = "triton"
         elif x.device.type == "cpu" and x.numel() <= GEMV_MAX_ROWS * in_features and cpu_gemv.available():
             backend = "gemv"
-        elif x.device.type == "cpu" and x.numel() >= INT8_DEQUANTIZED_MIN_ROWS * in_features:
+        elif x.device.type == "cpu" and (x.numel() >= INT8_DEQUANTIZED_MIN_ROWS * in_features or (
+                x.numel() >= PLANES_MIN_ROWS * in_features and weight.numel() <= INT8_SMALL_WEIGHT)):
             backend = "dequantized"
         elif x.device.type == "cpu" and x.numel() >= PLANES_MIN_ROWS * in_features:
             backend = "planes"

@@ -53,7 +53,10 @@ def int8_matmul_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor)
 
 
 def int8_matmul_dequantized(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The weight as x's dtype (exact), one float matmul, then the per-channel scales. x [M, K] -> [M, N]."""
+    """The weight as x's dtype, one float matmul, the per-channel scales applied where they cost less: to the weight
+    when it has fewer elements than the output (K <= M), else to the output. x [M, K] -> [M, N]."""
+    if weight.shape[1] <= x.shape[0]:
+        return torch.nn.functional.linear(x, weight.to(x.dtype) * scales.to(x.dtype)[:, None])
     return torch.nn.functional.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.dispatch import CANONICAL, CPU_TILED, GEMV_MAX_ROWS, int4_linear, int8_linear
+from kernels.dispatch import CANONICAL, CPU_TILED, GEMV_MAX_ROWS, INT8_SMALL_WEIGHT, int4_linear, int8_linear
 from kernels.int4 import (
     DEQUANTIZED_MIN_ROWS,
     cpu_int4pack_layout_known,
@@ -140,18 +140,21 @@ def test_int8_dequantized_matches_the_float64_linear(rows, out_features, in_feat
 
 def test_int8_auto_takes_the_planes_or_the_dequantized_path_from_their_row_counts_and_the_fused_kernel_below():
     generator = torch.Generator().manual_seed(12)
-    weight, scales = _random_int8(32, 64, generator)
     calls = []
     with pytest.MonkeyPatch.context() as patch:
         _record_calls(patch, ("int8_matmul_cpu", "int8_matmul_planes", "int8_matmul_dequantized"), calls)
-        for rows in (GEMV_MAX_ROWS + 1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40, INT8_DEQUANTIZED_MIN_ROWS - 1,
-                     INT8_DEQUANTIZED_MIN_ROWS, 300):  # fewer: tests/test_cpu_gemv.py
-            x = torch.randn(rows, 64, generator=generator)
-            out = int8_linear(x, weight, scales)
-            torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
-                torch.bfloat16, out))
-    assert calls == ["int8_matmul_cpu", "int8_matmul_cpu"] + ["int8_matmul_planes"] * 3 + [
-        "int8_matmul_dequantized"] * 2
+        large = _random_int8(INT8_SMALL_WEIGHT // 64 + 16, 64, generator)  # more elements than a small weight
+        small = _random_int8(32, 64, generator)
+        for weight, scales in (large, small):
+            for rows in (GEMV_MAX_ROWS + 1, PLANES_MIN_ROWS - 1, PLANES_MIN_ROWS, 40, INT8_DEQUANTIZED_MIN_ROWS - 1,
+                         INT8_DEQUANTIZED_MIN_ROWS, 300):  # fewer: tests/test_cpu_gemv.py
+                x = torch.randn(rows, 64, generator=generator)
+                out = int8_linear(x, weight, scales)
+                torch.testing.assert_close(out, int8_matmul_ref(x, weight, scales), rtol=2e-2, atol=_tolerance(
+                    torch.bfloat16, out))
+    fused_below = ["int8_matmul_cpu"] * 2
+    assert calls[:7] == fused_below + ["int8_matmul_planes"] * 3 + ["int8_matmul_dequantized"] * 2
+    assert calls[7:] == fused_below + ["int8_matmul_dequantized"] * 5  # a small weight converts in cache
     with pytest.raises(ValueError, match="int8 weights"):
         int4_linear(torch.randn(2, 64), *_random_int4(16, 64, 32, generator), 32, backend="planes")
 
