@@ -60,7 +60,7 @@ BACKENDS = ("auto", "reference", "cpu", "gemv", "planes", "dequantized", "triton
 GEMV_MAX_ROWS = 4
 # A weight this small converts to float in cache for less than the planes cost (the embedded VLM's 192-wide layers:
 # `multimodal eval vqa --quant int8` decodes batches of 32 rows).
-INT8_SMALL_WEIGHT = 1 << 20
+INT8_SMALL_WEIGHT = 1 << 19  # elements: 512 KB of int8, within a 1 MB L2
 CANONICAL, CPU_TILED = "canonical", "cpu_tiled"  # int4 weight layouts, see kernels/int4.py
 
 
