@@ -2,9 +2,11 @@
 together with the whole decode step that calls them (`kernels/csrc/decode.c`, driven by `glm/cpu_decode.py`).
 
 At batch 1 every decode step reads each weight once, and torch's CPU kernels read them at a fraction of the memory
-bandwidth. On one Zen 5 core `multimodal bench quant --threads 1 [--float-kernel onednn --int8-kernel cpu]` measures
-whole decode steps reading 6.7 GB/s of int8 weights with torch's fused kernel and 13.0 with these, 11.5 GB/s of
-bfloat16 weights with prepacked oneDNN and 17.8 with these (README), against a read floor of 24-26 GB/s.
+bandwidth. On one Zen 5 core, with the eager decode step around them, `multimodal bench quant --threads 1
+--decode-step eager [--float-kernel onednn --int8-kernel cpu]` measures whole steps reading 6.8 GB/s of int8
+weights with torch's fused kernel and 11.8 with these, 11.9 GB/s of bfloat16 weights with prepacked oneDNN and 16.4
+with these (README), against a read floor of 21-22 GB/s; with the whole step in C (`glm/cpu_decode.py`) int8 and
+int4 steps read at about 80% of the floor.
 
 The library is compiled once per source, compiler and target into `~/.cache/glm-multimodal/kernels` (or
 $GLM_MULTIMODAL_CACHE/kernels) with `-march=native`, and loaded with ctypes: no Python headers, no build step at
