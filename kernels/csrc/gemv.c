@@ -166,12 +166,25 @@ typedef __m256i vint;
 
 /* Round each activation row to int16: x[m, :] = scales[m] * q[m, :]. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *scales) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
-        float largest = 0.0f;
-        for (int64_t k = 0; k < K; k++) largest = fmaxf(largest, fabsf(row[k]));
+        __m256 widest = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) widest = _mm256_max_ps(widest, _mm256_and_ps(_mm256_loadu_ps(row + k), magnitude));
+        float lanes[8], largest = 0.0f;
+        _mm256_storeu_ps(lanes, widest);
+        for (int i = 0; i < 8; i++) largest = fmaxf(largest, lanes[i]);
+        for (; k < K; k++) largest = fmaxf(largest, fabsf(row[k]));
         const float scale = largest > 0.0f ? largest / Q_MAX : 1.0f;
-        for (int64_t k = 0; k < K; k++) q[m * K + k] = (int16_t)lrintf(row[k] / scale);
+        const __m256 divisor = _mm256_set1_ps(scale);
+        for (k = 0; k + 16 <= K; k += 16) { /* x / scale, rounded to nearest even as lrintf, then to int16 */
+            const __m256i a = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k), divisor));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(row + k + 8), divisor));
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8); /* lanes back in order */
+            _mm256_storeu_si256((__m256i *)(q + m * K + k), packed);
+        }
+        for (; k < K; k++) q[m * K + k] = (int16_t)lrintf(row[k] / scale);
         scales[m] = scale;
     }
 }
