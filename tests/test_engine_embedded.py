@@ -74,6 +74,17 @@ def test_the_loaded_vlm_decodes_through_the_c_step_as_the_eager_path_does(engine
     assert fast == eager  # float32 in both: the same greedy tokens
 
 
+@pytest.mark.filterwarnings("ignore:INT4 group size")
+def test_int4_keeps_the_layers_that_encode_the_painters_prompts_in_float():
+    from multimodal.quantize import Int4WeightOnlyLinear
+
+    model = Engine.load(quant="int4").chat_model.model
+    encoder = model.config.encoder_layers
+    kinds = [type(layer.attn.qkv) for layer in model.layers]
+    assert kinds[:encoder] == [torch.nn.Linear] * encoder
+    assert kinds[encoder:] == [Int4WeightOnlyLinear] * (len(kinds) - encoder)
+
+
 def test_drawing_a_dog_with_a_hat_gives_both_stages(engine):
     drawing = engine.draw("a dog with a hat", seed=0)
     height, width = engine.draw_sizes[0]
