@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCES = (Path(__file__).parent / "csrc" / "gemv.c", Path(__file__).parent / "csrc" / "decode.c")
+HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the cache key, not of the command line
 NATIVE = "native"
 
 
@@ -74,7 +75,7 @@ def build(march: str = NATIVE) -> ctypes.CDLL | None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     for flags in _flag_sets(march):
-        source = b"".join(path.read_bytes() for path in SOURCES)
+        source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
         key = hashlib.sha1(source + " ".join([compiler, version, *flags]).encode()).hexdigest()[:16]
         path = cache_dir() / f"gemv-{march}-{key}.so"
         if not path.exists():

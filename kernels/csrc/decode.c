@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 int gemv_int8(const void *x, int x_bf16, const int8_t *w, const void *scale, int scale_bf16, float *y, int64_t M,
               int64_t N, int64_t K, int threads);
 void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads);
@@ -49,27 +51,13 @@ typedef struct {
     const Block *blocks;
 } Decoder;
 
-static float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static uint16_t to_bf16(float f) { /* round to nearest even, as torch's conversion (NaN stays NaN) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 static float load_element(const void *base, int64_t i, int is_bf16) {
-    return is_bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+    return is_bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 static void store_element(void *base, int64_t i, int is_bf16, float value) {
     if (is_bf16)
-        ((uint16_t *)base)[i] = to_bf16(value);
+        ((uint16_t *)base)[i] = float_to_bf16(value);
     else
         ((float *)base)[i] = value;
 }
@@ -138,7 +126,7 @@ static void rotate(float *head, const float *cos_row, const float *sin_row, int6
 /* `count` cache values from element `start` as float32 into `out` (a copy only when the cache holds bfloat16). */
 static const float *cache_floats(const void *cache, int64_t start, int64_t count, int is_bf16, float *out) {
     if (!is_bf16) return (const float *)cache + start;
-    for (int64_t i = 0; i < count; i++) out[i] = from_bf16(((const uint16_t *)cache)[start + i]);
+    for (int64_t i = 0; i < count; i++) out[i] = bf16_to_float(((const uint16_t *)cache)[start + i]);
     return out;
 }
 

@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -80,12 +82,7 @@ INLINE vf load_weights(const void *row, int64_t k, int kind) {
 
 INLINE float weight_at(const void *row, int64_t k, int kind) {
     if (kind == INT8) return (float)((const int8_t *)row)[k];
-    if (kind == BF16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)row)[k] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
+    if (kind == BF16) return bf16_to_float(((const uint16_t *)row)[k]);
     return ((const float *)row)[k];
 }
 
@@ -284,8 +281,8 @@ int gemv_int8(const void *x, int x_bf16, const int8_t *w, const void *scale, int
 #define BF16_ROWS 8 /* activation rows per pass over a bfloat16 weight row */
 
 /* out[r] = dot(bfloat16 activation row r, bfloat16 weight row): 32 pairs per `vdpbf16ps` into float32 sums, two
- * accumulators per row; where the CPU has AVX512_BF16 this keeps up with memory for up to BF16_ROWS rows, where
- * widening to float (above) is bound by its instruction count from two rows on. */
+ * accumulators per row. Widening to float (above) is bound by its instruction count from two rows on; this keeps up
+ * with oneDNN's matmul at two and four rows (`glm/cpu_decode.py` has the numbers). */
 INLINE void bf16_dot_rows(const uint16_t *x, int64_t K, int rows, const uint16_t *row, float *out) {
     __m512 acc[BF16_ROWS][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -305,13 +302,6 @@ INLINE void bf16_dot_rows(const uint16_t *x, int64_t K, int rows, const uint16_t
     }
 }
 
-static uint16_t round_to_bf16(float f) { /* nearest even, as torch's conversion */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 /* x float32 [M, K] (rounded to bfloat16 here, as a bfloat16 model's activations are); w bfloat16 bits [N, K]. */
 void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
     uint16_t *xb = malloc((size_t)(M * K) * sizeof *xb);
@@ -320,7 +310,7 @@ void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
         for (int64_t n = 0; n < N; n++) output_column(x, w, 0, y, M, N, K, n, BF16);
         return;
     }
-    for (int64_t i = 0; i < M * K; i++) xb[i] = round_to_bf16(x[i]);
+    for (int64_t i = 0; i < M * K; i++) xb[i] = float_to_bf16(x[i]);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float out[BF16_ROWS];
@@ -369,13 +359,6 @@ void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, in
  * k, k + 1 are interleaved byte by byte so that `pmaddubsw` multiplies each row's nibble pair by (xq_k, xq_k+1) in
  * one instruction. At a group's end a row with scale s and zero z (w = (q - 8) s + z) gains
  * s xs_g sum(q xq) + (z - 8 s) sum(x). */
-INLINE float bf16_at(const uint16_t *p) {
-    uint32_t bits = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* Sums over one group of sum(q xq) for the `width` (8 or 16) bytes at `offset` of each line: rows of the low nibbles
  * into low[0..width), of the high nibbles into high[0..width). pairs[j] = (xq[2j], xq[2j + 1]) of the group. */
 INLINE void int4_chunk(const uint8_t *lines, int64_t half, int64_t offset, int width, const int16_t *pairs,
@@ -506,7 +489,7 @@ static void int4_tail(const int16_t *pairs, const float *x_scales, const float *
                 const int32_t sums[2] = {low[i], high[i]};
                 for (int h = 0; h < 2; h++) {
                     const uint16_t *sz = scales_and_zeros + (g * N + n0 + rows[h]) * 2;
-                    const float scale = bf16_at(sz), zero = bf16_at(sz + 1);
+                    const float scale = bf16_to_float(sz[0]), zero = bf16_to_float(sz[1]);
                     total[rows[h]] += scale * x_scales[g] * (float)sums[h] + (zero - 8 * scale) * x_sums[g];
                 }
             }
