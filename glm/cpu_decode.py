@@ -25,10 +25,11 @@ from glm.model import GLMAttention, GLMBlock, GLMModel, KVCache, RMSNorm, SwiGLU
 from kernels import cpu_gemv
 
 MAX_ROWS = 4  # quantized models, and bfloat16 ones where the kernels multiply in bfloat16 (AVX512_BF16)
-# A float32 linear, or a bfloat16 one where the kernel widens to float, takes one row only: for several rows
-# oneDNN's prepacked matmul beats widening (at 4 rows of a bfloat16 11264 x 1024 weight, 0.9 ms against 2.4-2.8 ms
-# on one Zen 5 core), so such models decode batches on the eager path. With `vdpbf16ps` a bfloat16 198M model
-# decodes 2 rows at 116 tok/s against eager 61 and 4 at 178 against 150, but 8 at 176 against 236.
+# A float32 linear, or a bfloat16 one where the kernel widens to float, takes one row only: widening costs
+# instructions per weight and row, so from two rows oneDNN's prepacked matmul is the faster one, and such models
+# decode batches on the eager path. `multimodal bench quant --threads 1 --batch-size 2|4 --decode-step c|eager`
+# (tok/s, this Zen 5): bfloat16 154.8 / 69.7 at 2 rows, 174.0 / 176.3 at 4; INT8 188.2 / 133.6 and 190.6 / 158.7;
+# INT4 256.5 / 126.4 and 269.4 / 190.1.
 KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4 = 0, 1, 2, 3
 
 
@@ -100,7 +101,6 @@ class CpuDecoder:
         kinds = {linear.kind for linear in linears}
         bf16_rows = MAX_ROWS if self.bf16_rows >= MAX_ROWS else 1
         self.max_rows = 1 if KIND_F32 in kinds else bf16_rows if KIND_BF16 in kinds else MAX_ROWS
-        self.vocab = self.decoder.vocab
         self._cache_key: tuple | None = None
 
     def _pointer(self, tensor: torch.Tensor) -> int:
@@ -111,7 +111,7 @@ class CpuDecoder:
         return tensor.data_ptr()
 
     def _floats(self, tensor: torch.Tensor) -> int:
-        return self._pointer(tensor.detach().to(torch.float32).contiguous())
+        return self._pointer(tensor.to(torch.float32).contiguous())
 
     def _linear(self, module: nn.Module) -> _Linear:
         from glm.generate import PackedLinear
@@ -134,7 +134,7 @@ class CpuDecoder:
         if (type(module) is Int4WeightOnlyLinear and module.backend == "auto" and module.layout == CPU_TILED
                 and self.integer_paths and module.group_size % 2 == 0
                 and cpu_int4pack_supported(module.out_features, module.in_features, module.group_size)):
-            table = self._pointer(module.scales_and_zeros.detach().to(torch.bfloat16).contiguous())
+            table = self._pointer(module.scales_and_zeros.to(torch.bfloat16).contiguous())
             return _Linear(self._pointer(module.weight), table, bias, KIND_INT4, module.out_features,
                            module.in_features, module.in_features, module.group_size, cpu_int4pack_block())
         raise Unsupported(f"a {type(module).__name__} layer")
@@ -167,7 +167,7 @@ class CpuDecoder:
         if valid is not None:
             mask = valid.to(torch.uint8).contiguous()  # [B, S]
             stride = mask.shape[1]
-        logits = torch.empty(rows, self.vocab, dtype=torch.float32)
+        logits = torch.empty(rows, self.decoder.vocab, dtype=torch.float32)
         status = self._step(ctypes.byref(self.decoder), tokens.data_ptr(), positions.data_ptr(), slot,
                             mask.data_ptr() if mask is not None else None, stride, rows, logits.data_ptr(),
                             torch.get_num_threads())

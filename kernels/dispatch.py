@@ -13,8 +13,8 @@ Backends:
 - "auto": Triton on CUDA when Triton is installed. On the CPU, for int8: the gemv kernel up to GEMV_MAX_ROWS rows
   (where it builds; any K), the dequantized path from its DEQUANTIZED_MIN_ROWS rows (and from PLANES_MIN_ROWS for
   a weight of at most INT8_SMALL_WEIGHT elements), the planes path from PLANES_MIN_ROWS rows below that, the fused
-  kernel between; for int4 (where the shape allows the tile layout): the
-  dequantized path from DEQUANTIZED_MIN_ROWS rows, the fused kernel below.
+  kernel between; for int4 (where the shape allows the tile layout): the dequantized path from DEQUANTIZED_MIN_ROWS
+  rows, the fused kernel below.
   Otherwise the reference. A shape a fused CPU kernel refuses (int4: N not a multiple of 16, or a tile layout it does
   not know; int8: K not a multiple of 16) silently takes the reference path, so no model crashes on an odd
   projection; it is only slower there. Forcing "cpu" on such a shape is a ValueError.
