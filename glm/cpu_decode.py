@@ -30,7 +30,7 @@ MAX_ROWS = 4  # quantized models, and bfloat16 ones where the kernels multiply i
 # decode batches on the eager path. `multimodal bench quant --threads 1 --batch-size 2|4 --decode-step c|eager`
 # (tok/s, this Zen 5): bfloat16 154.8 / 69.7 at 2 rows, 174.0 / 176.3 at 4; INT8 188.2 / 133.6 and 190.6 / 158.7;
 # INT4 256.5 / 126.4 and 269.4 / 190.1.
-KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4 = 0, 1, 2, 3
+KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4, KIND_BF16_BLOCKED = 0, 1, 2, 3, 4
 
 
 class _Linear(ctypes.Structure):
@@ -98,9 +98,9 @@ class CpuDecoder:
             raise Unsupported("an output layer narrower or wider than the vocabulary")
         linears = [self.decoder.output] + [getattr(block, name) for block in self.blocks
                                            for name in ("qkv", "dense", "gate_up", "down")]
-        kinds = {linear.kind for linear in linears}
-        bf16_rows = MAX_ROWS if self.bf16_rows >= MAX_ROWS else 1
-        self.max_rows = 1 if KIND_F32 in kinds else bf16_rows if KIND_BF16 in kinds else MAX_ROWS
+        limits = {KIND_F32: 1, KIND_BF16: MAX_ROWS if self.bf16_rows >= MAX_ROWS else 1, KIND_INT8: MAX_ROWS,
+                  KIND_INT4: MAX_ROWS, KIND_BF16_BLOCKED: cpu_gemv.BLOCKED_ROWS}
+        self.max_rows = min(limits[linear.kind] for linear in linears)
         self._cache_key: tuple | None = None
 
     def _pointer(self, tensor: torch.Tensor) -> int:
@@ -121,6 +121,9 @@ class CpuDecoder:
 
         bias = getattr(module, "bias", None)
         bias = self._floats(bias) if bias is not None else None
+        if isinstance(module, PackedLinear) and module.blocked is not None:
+            return _Linear(self._pointer(module.blocked), None, bias, KIND_BF16_BLOCKED, module.out_features,
+                           module.in_features, module.in_features)
         if type(module) is nn.Linear or isinstance(module, PackedLinear):
             weight = module.weight if type(module) is nn.Linear else module.plain
             if weight is None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.bfloat16):

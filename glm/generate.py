@@ -21,14 +21,17 @@ from glm.model import GLMModel, KVCache
 
 class PackedLinear(nn.Module):
     """Inference-only CPU linear for float32 or bfloat16 weights: oneDNN's prepacked matmul for many rows, the decode
-    kernel of `kernels/cpu_gemv.py` for one.
+    kernels of `kernels/cpu_gemv.py` for few.
 
     MKL's sgemm (PyTorch's default CPU path for float32 `F.linear`) is slow on some CPUs (AMD, batch > 1); oneDNN
     with a weight reordered once into its blocked layout is several times faster there for prefill and batched
     decode. A single row (decode at batch 1) is a stream of weight bytes, which the gemv kernel reads faster: bfloat16
     decode 1.55x oneDNN's tokens/s on one Zen 5 core (`multimodal bench quant --float-kernel auto|onednn`, README);
-    so the plain weight is kept beside the packed one where that kernel builds, at twice the weight memory. Results
-    differ from `F.linear` only by summation order.
+    so a second copy of the weight is kept beside the packed one where that kernel builds, at twice the weight memory:
+    the plain weight [N, K] (float32, and bfloat16 on CPUs without AVX512_BF16), for one row; or, for bfloat16 where
+    the CPU multiplies it natively, the blocked layout of `kernels/csrc/bf16_blocked.c`, for up to
+    `BLOCKED_ROWS` rows. Results differ from `F.linear` only by summation order (and, in the blocked
+    kernel, float32 rather than bfloat16 outputs before the final rounding).
     """
 
     def __init__(self, linear: nn.Linear, decode_kernel: bool = True):
@@ -36,20 +39,28 @@ class PackedLinear(nn.Module):
         from kernels import cpu_gemv
 
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # not a parameter
+        weight = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # not a parameter
         keep = decode_kernel and cpu_gemv.available()
-        self.plain = linear.weight.detach() if keep else None  # [N, K], for single rows
+        blocked = keep and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0 and (
+            cpu_gemv.bf16_blocked_available())
+        self.blocked = cpu_gemv.block_bf16(weight) if blocked else None  # [N / 16, K / 2, 16, 2]
+        self.plain = weight if keep and not blocked else None  # [N, K], for single rows
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plain is not None and x.numel() == self.in_features:
-            from kernels.cpu_gemv import float_gemv
+        from kernels import cpu_gemv
 
-            out = float_gemv(x, self.plain)  # [1, N] float32
-            if self.bias is not None:
-                out = out + self.bias
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        if self.blocked is not None and rows <= cpu_gemv.BLOCKED_ROWS:
+            out = cpu_gemv.bf16_blocked_gemv(x, self.blocked, self.out_features)  # [M, N] float32
+        elif self.plain is not None and rows == 1:
+            out = cpu_gemv.float_gemv(x, self.plain)  # [1, N] float32
+        else:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def pack_for_cpu(model: nn.Module, decode_kernel: bool = True) -> nn.Module:

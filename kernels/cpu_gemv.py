@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).parent / "csrc" / "gemv.c", Path(__file__).parent / "csrc" / "decode.c")
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("gemv.c", "bf16_blocked.c", "decode.c"))
 HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the cache key, not of the command line
 NATIVE = "native"
+BLOCKED_ROWS = 8  # rows up to which the blocked bfloat16 kernel runs (`PackedLinear.blocked`); oneDNN's matmul above
 
 
 def cache_dir() -> Path:
@@ -59,6 +60,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("gemv_bf16", "gemv_f32"):
         getattr(lib, name).argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
         getattr(lib, name).restype = None
+    lib.gemv_bf16_blocked.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
+    lib.gemv_bf16_blocked.restype = ctypes.c_int
+    lib.gemv_bf16_block.restype = ctypes.c_int
     lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
@@ -147,6 +151,39 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, lib: ctypes.CDLL | None = 
     kernel = lib.gemv_bf16 if weight.dtype == torch.bfloat16 else lib.gemv_f32
     kernel(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0], rows.shape[1],
            torch.get_num_threads())
+    return out
+
+
+def bf16_blocked_available(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether this CPU's build multiplies bfloat16 in bfloat16 (AVX512_BF16), where the blocked layout pays."""
+    lib = lib or library()
+    return lib is not None and lib.gemv_bf16_rows() > 0
+
+
+def block_bf16(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A bfloat16 weight [N, K] (K even) in the blocked layout of `kernels/csrc/bf16_blocked.c`: [ceil(N / B), K / 2,
+    B, 2] for blocks of B output rows, the rows past N zeros."""
+    lib = lib or library()
+    block = lib.gemv_bf16_block()
+    rows, cols = weight.shape
+    if weight.dtype != torch.bfloat16 or cols % 2:
+        raise ValueError(f"The blocked layout takes bfloat16 weights with an even number of columns, not {cols} "
+                         f"{weight.dtype}.")
+    padded = torch.zeros(-(-rows // block) * block, cols, dtype=torch.bfloat16)
+    padded[:rows] = weight.detach()
+    return padded.reshape(-1, block, cols // 2, 2).transpose(1, 2).contiguous()  # [N / B, K / 2, B, 2]
+
+
+def bf16_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, out_features: int, lib: ctypes.CDLL | None = None
+                      ) -> torch.Tensor:
+    """x [M, K] float @ the blocked bfloat16 weight (`block_bf16`) of `out_features` rows -> [M, N] float32, the
+    activations rounded to bfloat16; meant for up to eight rows."""
+    lib = lib or library()
+    rows = _rows(x)  # [M, K]
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)  # [M, N]
+    if lib.gemv_bf16_blocked(rows.data_ptr(), blocked.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
+                             rows.shape[1], torch.get_num_threads()) != 0:
+        raise MemoryError("The bfloat16 decode kernel could not allocate its buffers.")
     return out
 
 

@@ -89,6 +89,29 @@ def test_step_matches_float64_model(target, preset, dtype, quant, tolerance):
             tokens = expected.argmax(-1)
 
 
+@pytest.mark.parametrize("target", [target for target, _ in TARGETS])
+def test_packed_bfloat16_step_matches_float64_model_for_up_to_eight_rows(target):
+    """A bfloat16 model packed for the CPU: where the CPU multiplies bfloat16 natively its linears hold the blocked
+    layout, which every build's step reads (the others through the portable loop)."""
+    seed = zlib.crc32(f"packed {target}".encode())
+    model = _model("tiny-glm4", torch.bfloat16, seed)
+    twin = _float64_twin(model)
+    generate_module.pack_for_cpu(model)
+    decoder = CpuDecoder(model, _library(target))
+    generator = torch.Generator().manual_seed(seed)
+    for rows in (1, 5, 8):
+        ids = torch.randint(1, model.config.vocab_size, (rows, 4), generator=generator)
+        positions = torch.arange(4).expand(rows, 4)
+        ours_cache, reference_cache = model.allocate_cache(rows, 6), twin.allocate_cache(rows, 6)
+        with torch.inference_mode():
+            model(ids, positions=positions, cache=ours_cache)
+            twin(ids, positions=positions, cache=reference_cache)
+            step_positions = torch.full((rows,), 4)
+            ours = decoder.step(ids[:, -1], step_positions, 4, ours_cache, None).double()  # [B, V]
+            expected = generate_module.decode_one_token(twin, ids[:, -1], step_positions, 4, reference_cache, None)
+        assert (ours - expected).abs().amax() <= 2e-2 * expected.abs().amax()  # bfloat16 keys, values, activations
+
+
 def test_generation_through_the_step_equals_eager_generation():
     model = _model("tiny", torch.float32, 5)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14]]  # padded rows
@@ -117,7 +140,8 @@ def test_quantized_models_take_a_few_rows_through_the_step(monkeypatch):
 
 def test_packed_and_quantized_models_get_a_decoder_and_forced_ones_do_not():
     packed = prepare_cpu_decode(generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1)))
-    assert packed.cpu_decoder.max_rows == (MAX_ROWS if cpu_gemv.library().gemv_bf16_rows() >= MAX_ROWS else 1)
+    # bfloat16 in the blocked layout where the CPU multiplies it natively, else plain rows widened to float
+    assert packed.cpu_decoder.max_rows == (cpu_gemv.BLOCKED_ROWS if cpu_gemv.bf16_blocked_available() else 1)
     assert prepare_cpu_decode(generate_module.pack_for_cpu(_model("tiny", torch.bfloat16, 1), decode_kernel=False)
                               ).cpu_decoder is None  # oneDNN's packed weight alone: nothing for the step to read
     assert prepare_cpu_decode(_model("tiny-glm4", torch.float32, 1, "int8")).cpu_decoder is not None

@@ -172,3 +172,32 @@ def test_bfloat16_weights_round_the_activations_only_where_the_cpu_multiplies_in
     assert out.item() == (2.0 if lib.gemv_bf16_rows() > 0 else 2.0 + 2**-10)
     if target != "native":  # the explicit targets lack AVX512_BF16
         assert lib.gemv_bf16_rows() == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 70, 96),  # one row: a block at a time; 70 rows: a partial last block (16-row blocks)
+    (3, 128, 38),  # two blocks of a full four-block task side by side
+    (8, 200, 64),  # a full pass of eight rows over 13 blocks: three full tasks and a one-block tail
+    (11, 64, 2),  # a second, partial pass of rows; the narrowest even K
+])
+def test_blocked_bfloat16_kernel_matches_float64(target, in_integers, rows, out_features, in_features):
+    lib = _library(target)
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    x = torch.randn(rows, in_features, generator=generator)
+    blocked = cpu_gemv.block_bf16(weight, lib)
+    assert blocked.shape == (-(-out_features // 16), in_features // 2, 16, 2)
+    assert blocked[-1, 0, out_features % 16 or 16:].abs().sum() == 0  # the rows past N are zeros
+    expected = x.bfloat16().double() @ weight.double().T  # the kernel rounds activations to bfloat16
+    out = cpu_gemv.bf16_blocked_gemv(x, blocked, out_features, lib)
+    assert out.shape == (rows, out_features)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * in_features)
+
+
+def test_blocked_layout_takes_bfloat16_with_even_columns_only():
+    with pytest.raises(ValueError, match="even number of columns"):
+        cpu_gemv.block_bf16(torch.ones(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="even number of columns"):
+        cpu_gemv.block_bf16(torch.ones(4, 4))

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate at the recipe's base batch (default: the model's own)")
     parser.add_argument("--init", default=None,
-                        help="vlm: continue a finished VLM (e.g. multimodal/assets/vlm) with a vision stage of its own")
+                        help="vlm: continue a finished VLM (e.g. multimodal/assets/vlm) with a vision stage of its "
+                             "own; diffusion: continue the denoisers of a pipeline folder")
     parser.add_argument("--runs", default="runs", help="export: the folder holding the vlm, diffusion and judge runs")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="recipe: multiply every stage's steps (the defaults are the CPU recipe's)")
@@ -102,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
         path = recipe.train_vlm(out, tokenizer, seed=args.seed, init=args.init, settings=settings, **budget)
     else:
         path = recipe.train_diffusion(out, tokenizer, text_encoder=args.text_encoder, seed=args.seed,
-                                      settings=settings, **budget)
+                                      settings=settings, init=args.init, **budget)
     print(f"saved {path}")
     return 0

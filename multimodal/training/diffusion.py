@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.denoiser import DiT, DiTConfig
-from diffusion.pipeline import RelayConfig
+from diffusion.pipeline import RelayConfig, load_dit
 from diffusion.relay import relay_loss
 from diffusion.sampling import EDMDenoiser, edm_loss
 from diffusion.text_encoder import GLMTextEncoder
@@ -153,7 +153,10 @@ def prompt_gap(denoiser: EDMDenoiser, images: torch.Tensor, cond: dict, seed: in
 def train_diffusion(
     out_dir: str | Path, tokenizer: GLMTokenizer, text_encoder: str | Path | None, seed: int = 0,
     steps: int = 3000, scenes: int = 20000, minutes: float | None = None, settings: LoopSettings | None = None,
+    init: str | Path | None = None,
 ) -> Path:  # fmt: skip
+    """Train the three denoisers; or, with `init` (a pipeline folder with base/, relay/ and single/, such as the
+    shipped one), continue them from its weights and text whitening under a fresh optimizer and schedule."""
     if text_encoder is None:
         raise ValueError("Diffusion training needs --text-encoder: the VLM run (or checkpoint) whose GLM core it uses.")
     settings = settings or RECIPE.settings()
@@ -163,19 +166,29 @@ def train_diffusion(
     if settings.cached:
         encoder = CachedTextEncoder(encoder)
     started = Path(out_dir) / "model"
+    initial = {name: load_dit(Path(init) / name) for name in ("base", "relay", "single")} if init else None
     if (started / NATIVE_CONFIG).exists():  # a run resumes with the shapes it started with
         configs = recorded_stage_configs(read_native_config(started, KIND))
+    elif initial is not None:
+        configs = {name: model.config for name, model in initial.items()}
     else:
         configs = stage_configs(vlm.config.hidden_size)
     stages = Stages(configs).to(device)
     pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
-    # (a resumed run then loads the statistics it started with)
-    set_text_statistics([stages.base, stages.relay, stages.single], encoder, pool, seed)
+    if initial is not None:  # weights and whitening from `init`; a resumed run then loads its own checkpoint
+        recorded = read_native_config(init, "relay-pipeline").get("text_encoder", {}).get("text_encoder_fingerprint")
+        if recorded is not None and recorded != text_encoder_fingerprint(vlm):
+            raise ValueError(f"{init} was trained on another text encoder than {text_encoder}.")
+        for name, model in initial.items():
+            getattr(stages, name).load_state_dict(model.state_dict())
+    else:  # (a resumed run then loads the statistics it started with)
+        set_text_statistics([stages.base, stages.relay, stages.single], encoder, pool, seed)
     relay_config = RelayConfig()
     optimizer = torch.optim.AdamW(stages.parameters(), lr=settings.lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {"seed": seed, "text_encoder_fingerprint": text_encoder_fingerprint(vlm),
                               "relay": relay_config.to_dict(),
-                              "stages": {name: config.to_dict() for name, config in configs.items()}})
+                              "stages": {name: config.to_dict() for name, config in configs.items()}}
+              | ({"init": str(init)} if init else {}))
     step_loss = diffusion_step_loss(stages, encoder, pool, relay_config, seed, settings.batch_size, device)
     train(run, stages, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes,
           ema_decay=EMA_DECAY, runtime=settings.runtime, batch_size=settings.batch_size)
