@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--init", default=None,
                         help="vlm: continue a finished VLM (e.g. multimodal/assets/vlm) with a vision stage of its "
                              "own; diffusion: continue the denoisers of a pipeline folder")
+    parser.add_argument("--drawing-share", type=float, default=None,
+                        help="vlm: the share of vision-stage scenes from the drawing world (default 0.2)")
     parser.add_argument("--runs", default="runs", help="export: the folder holding the vlm, diffusion and judge runs")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="recipe: multiply every stage's steps (the defaults are the CPU recipe's)")
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model == "judge":
         path = recipe.train_judge(out, tokenizer, seed=args.seed, settings=settings, **budget)
     elif args.model == "vlm":
-        path = recipe.train_vlm(out, tokenizer, seed=args.seed, init=args.init, settings=settings, **budget)
+        share = {} if args.drawing_share is None else {"drawing_share": args.drawing_share}
+        path = recipe.train_vlm(out, tokenizer, seed=args.seed, init=args.init, settings=settings, **budget, **share)
     else:
         path = recipe.train_diffusion(out, tokenizer, text_encoder=args.text_encoder, seed=args.seed,
                                       settings=settings, init=args.init, **budget)

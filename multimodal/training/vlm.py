@@ -349,10 +349,11 @@ def _normalize(pixels: torch.Tensor, config: VLMConfig) -> torch.Tensor:
 def train_vlm(
     out_dir: str | Path, tokenizer: GLMTokenizer, seed: int = 0, steps: int = 3000, language_steps: int = 400,
     tower_steps: int = 2000, scenes: int = 20000, minutes: float | None = None, init: str | Path | None = None,
-    settings: LoopSettings | None = None,
+    settings: LoopSettings | None = None, drawing_share: float = DRAWING_SHARE,
 ) -> Path:  # fmt: skip
     """All three stages; or, with `init` (a finished VLM, such as the shipped one), a further vision stage that
-    starts from its weights (its detection heads start afresh) under a schedule of its own."""
+    starts from its weights (its detection heads start afresh) under a schedule of its own. `drawing_share` of the
+    vision stage's scenes come from the drawing world."""
     out_dir = Path(out_dir)
     settings = settings or RECIPE.settings()
     torch.manual_seed(seed)
@@ -370,8 +371,10 @@ def train_vlm(
         if text.text_encoder_layers is None or text.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"{init} is not a grown world VLM for this tokenizer; train one from scratch first.")
         head = PatchDetectionHead(model.vlm_config.vision.width)
-    return _vision_stage(out_dir, model, head, tokenizer, seed, steps, scenes, minutes, settings,
-                         {"init": str(init)} if init is not None else {})
+    if not 0 <= drawing_share <= 1:
+        raise ValueError(f"The drawing share is a fraction from 0 to 1, not {drawing_share}.")
+    recipe = {"drawing_share": drawing_share} | ({"init": str(init)} if init is not None else {})
+    return _vision_stage(out_dir, model, head, tokenizer, seed, steps, scenes, minutes, settings, recipe)
 
 
 def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, language_steps: int, tower_steps: int,
@@ -439,11 +442,11 @@ def vision_heads(config: VLMConfig, head: PatchDetectionHead) -> nn.ModuleDict:
                           "query": nn.Linear(config.text.hidden_size, len(CLASSES))})
 
 
-def vision_pool(scenes: int, image_size: int, cached: bool) -> MixedScenes:
-    """The vision stage's scenes: the default world, and with `DRAWING_SHARE` the drawing world, whose single large
+def vision_pool(scenes: int, image_size: int, cached: bool, drawing_share: float = DRAWING_SHARE) -> MixedScenes:
+    """The vision stage's scenes: the default world, and with `drawing_share` the drawing world, whose single large
     entities the VLM must also know to judge what the text-to-image model draws (`multimodal eval draw`)."""
     pools = [TrainScenes(scenes, image_size, cached=cached), TrainScenes(scenes, image_size, DRAWING, cached=cached)]
-    return MixedScenes(pools, [1 - DRAWING_SHARE, DRAWING_SHARE])
+    return MixedScenes(pools, [1 - drawing_share, drawing_share])
 
 
 def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool,
@@ -500,7 +503,7 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
     device = settings.runtime.device
     model = model.to(device)
     config = model.vlm_config
-    pool = vision_pool(scenes, config.vision.image_size, settings.cached)
+    pool = vision_pool(scenes, config.vision.image_size, settings.cached, recipe["drawing_share"])
     freeze_text_encoder(model)
     meta = {**config.to_dict(), "seed": seed, **recipe}
     fingerprint = text_encoder_fingerprint(model)
