@@ -9,6 +9,7 @@ import torch
 
 from diffusion.text_encoder import GLMTextEncoder
 from multimodal.assets import load_world_tokenizer
+from multimodal.checkpoint import read_native_config
 from multimodal.language import scene_tasks
 from multimodal.training.vlm import (
     GROWN_LAYERS,
@@ -147,6 +148,17 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     image = pipeline("a dog with a hat", seed=0, num_inference_steps=2, relay_steps=2).images[0]
     assert image.size == (64, 64)
 
+    # A run continued from the suite's pipeline starts from its denoisers and text whitening (at a learning rate of
+    # 1e-12 one step leaves them where they were).
+    still = diffusion.RECIPE.settings("fast", batch_size=2, lr=1e-12)
+    diffusion.train_diffusion(tmp_path / "continued", tokenizer, runs / "vlm", steps=1, scenes=4, settings=still,
+                              init=suite / "diffusion")
+    continued = read_state_dict(tmp_path / "continued" / "model" / NATIVE_WEIGHTS)
+    for stage, model in (("base", pipeline.base), ("relay", pipeline.relay)):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(continued[f"{stage}.{key}"], value, rtol=0, atol=1e-6)
+    assert "base.text_whitening" in continued
+
     # A VLM trained further replaces the suite's alone; one from another seed has another text encoder.
     more = tmp_path / "more"
     train_vlm(more / "vlm", tokenizer, steps=2, settings=VLM_LOOP, scenes=4, init=runs / "vlm" / "model")
@@ -158,6 +170,9 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     train_vlm(other / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     with pytest.raises(ValueError, match="another text encoder"):
         export_suite(other, tokenizer_file, suite)
+    with pytest.raises(ValueError, match="another text encoder"):
+        diffusion.train_diffusion(tmp_path / "wrong", tokenizer, other / "vlm", steps=1, scenes=4, settings=still,
+                                  init=suite / "diffusion")
     with pytest.raises(FileNotFoundError, match="the diffusion and judge part"):
         export_suite(more, tokenizer_file, tmp_path / "empty")
     shutil.rmtree(runs / "vlm")
@@ -301,13 +316,18 @@ def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
     tokenizer = load_world_tokenizer()
     train_vlm(tmp_path / "first", tokenizer, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     first = load_vlm(tmp_path / "first" / "model")
-    train_vlm(tmp_path / "more", tokenizer, steps=2, settings=VLM_LOOP, scenes=4, init=tmp_path / "first" / "model")
+    train_vlm(tmp_path / "more", tokenizer, steps=2, settings=VLM_LOOP, scenes=4, init=tmp_path / "first" / "model",
+              drawing_share=1.0)
     more = load_vlm(tmp_path / "more" / "model")
+    assert read_native_config(tmp_path / "more" / "model", "vlm")["drawing_share"] == 1.0
     assert not (tmp_path / "more" / "language").exists() and not (tmp_path / "more" / "tower").exists()
     assert text_encoder_fingerprint(more) == text_encoder_fingerprint(first)
     assert more.vlm_config == first.vlm_config
     before, after = first.state_dict(), more.state_dict()
     assert not torch.equal(before["layers.4.attn.qkv.weight"], after["layers.4.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="fraction from 0 to 1"):
+        train_vlm(tmp_path / "bad", tokenizer, steps=1, settings=VLM_LOOP, scenes=4, init=tmp_path / "first" / "model",
+                  drawing_share=1.5)
     with pytest.raises(ValueError, match="not a grown world VLM"):
         train_vlm(tmp_path / "bad", tokenizer, steps=1, settings=VLM_LOOP, scenes=4,
                   init=tmp_path / "first" / "language" / "model")
