@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.denoiser import DiT, DiTConfig
-from diffusion.pipeline import RelayConfig, load_dit
+from diffusion.pipeline import PIPELINE_KIND, RelayConfig, load_dit
 from diffusion.relay import relay_loss
 from diffusion.sampling import EDMDenoiser, edm_loss
 from diffusion.text_encoder import GLMTextEncoder
@@ -166,7 +166,12 @@ def train_diffusion(
     if settings.cached:
         encoder = CachedTextEncoder(encoder)
     started = Path(out_dir) / "model"
-    initial = {name: load_dit(Path(init) / name) for name in ("base", "relay", "single")} if init else None
+    initial = None
+    if init is not None:  # the pipeline's denoisers, whose text whitening belongs to the encoder they were trained on
+        recorded = read_native_config(init, PIPELINE_KIND).get("text_encoder", {}).get("text_encoder_fingerprint")
+        if recorded is not None and recorded != text_encoder_fingerprint(vlm):
+            raise ValueError(f"{init} was trained on another text encoder than {text_encoder}.")
+        initial = {name: load_dit(Path(init) / name) for name in ("base", "relay", "single")}
     if (started / NATIVE_CONFIG).exists():  # a run resumes with the shapes it started with
         configs = recorded_stage_configs(read_native_config(started, KIND))
     elif initial is not None:
@@ -176,9 +181,6 @@ def train_diffusion(
     stages = Stages(configs).to(device)
     pool = TrainScenes(scenes, 64, DRAWING, cached=settings.cached)
     if initial is not None:  # weights and whitening from `init`; a resumed run then loads its own checkpoint
-        recorded = read_native_config(init, "relay-pipeline").get("text_encoder", {}).get("text_encoder_fingerprint")
-        if recorded is not None and recorded != text_encoder_fingerprint(vlm):
-            raise ValueError(f"{init} was trained on another text encoder than {text_encoder}.")
         for name, model in initial.items():
             getattr(stages, name).load_state_dict(model.state_dict())
     else:  # (a resumed run then loads the statistics it started with)
