@@ -13,6 +13,7 @@ only make sense after it (`multimodal.language.follow_ups`).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 SPLITS = ("train", "held-out")
@@ -254,6 +255,89 @@ PHRASINGS: dict[str, dict[str, Phrasings]] = {
         ),
     },
 }
+
+# Perturbed wordings: a training phrasing with one edit that keeps its slots, so that the model learns to read a
+# question it has never seen word for word (the held-out phrasings) from its content words rather than its frame.
+WRAPPERS = {
+    "en": (("Please, ", "Hey, ", "Okay, ", "Quick question: ", "Look at the picture. ", "One more thing: ", "So, "),
+           (" Thanks.", " Please.", " Thank you!", " Quickly.")),
+    "zh": (("请问，", "麻烦你，", "看这张图，", "问一下，", "你好，", "那么，"), ("谢谢。", "谢谢！", "麻烦了。")),
+}
+CJK = (0x4E00, 0x9FA5)  # the unified ideographs: most are unknown to the world's tokenizer
+SLOT = re.compile(r"(\{[a-z_]+\})")
+
+
+def _pieces(template: str, lang: str) -> list[str]:
+    """The template cut into slots and words (en) or characters (zh); punctuation and spaces stay pieces."""
+    pieces = []
+    for part in SLOT.split(template):
+        if SLOT.fullmatch(part) or not part:
+            pieces += [part] if part else []
+        else:
+            pieces += re.findall(r"\w+|\W", part) if lang == "en" else list(part)
+    return pieces
+
+
+def _is_word(piece: str) -> bool:
+    return not SLOT.fullmatch(piece) and piece.isalnum()
+
+
+def _filler(lang: str, rng: random.Random) -> str:
+    """A word the edit puts in: one of the language's own question words, or one the world never uses."""
+    if rng.random() < 0.5:
+        words = [p for form in PHRASINGS.values() for t in form[lang].train for p in _pieces(t, lang) if _is_word(p)]
+        return rng.choice(words).lower()
+    if lang == "zh":
+        return chr(rng.randint(*CJK))
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+
+
+def perturb(template: str, lang: str, rng: random.Random) -> str:
+    """`template` with one edit: a polite or context wrapper, or a word (en) or character (zh) inserted, replaced
+    or dropped; slots and punctuation are never touched."""
+    edit = rng.choices(("wrap", "insert", "replace", "drop"), weights=(0.35, 0.3, 0.2, 0.15))[0]
+    if edit == "wrap":
+        prefixes, suffixes = WRAPPERS[lang]
+        if rng.random() < 0.5:
+            prefix = rng.choice(prefixes)
+            keep = prefix.endswith((". ", ": ")) or template.startswith(("I ", "I'", "{"))
+            return prefix + (template if keep else template[:1].lower() + template[1:])
+        return template + rng.choice(suffixes)
+    pieces = _pieces(template, lang)
+    words = [index for index, piece in enumerate(pieces) if _is_word(piece)]
+    if edit == "drop" and len(words) < 2:
+        edit = "insert"
+    if edit == "insert" and words:  # before a word, or after the last one
+        index = rng.choice(words + [words[-1] + 1])
+        space = " " if lang == "en" else ""
+        if index == 0 and lang == "en" and pieces[0] != "I":
+            pieces[0] = pieces[0].lower()
+        pieces.insert(index, _filler(lang, rng) + space if index in words else space + _filler(lang, rng))
+    elif edit == "insert":
+        pieces.insert(0, _filler(lang, rng) + (" " if lang == "en" else ""))
+    elif edit == "replace" and words:
+        pieces[rng.choice(words)] = _filler(lang, rng)
+    elif edit == "drop":
+        index = rng.choice(words)
+        pieces[index] = ""
+        if lang == "en" and index + 1 < len(pieces) and pieces[index + 1] == " ":
+            pieces[index + 1] = ""
+    text = "".join(pieces)
+    return text[:1].upper() + text[1:] if lang == "en" else text
+
+
+def perturbed_phrase(form: str, lang: str, slots: dict[str, str], rng: random.Random) -> str:
+    """A training phrasing of `form` with one edit (`perturb`), slots filled in; never a held-out sentence."""
+    held_out = {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
+    while True:
+        prompt = perturb(rng.choice(PHRASINGS[form][lang].train), lang, rng).format(**slots)
+        if prompt not in held_out:
+            return prompt
+
+
+def is_held_out(form: str, lang: str, prompt: str, slots: dict[str, str]) -> bool:
+    return prompt in {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
+
 
 def canonical(form: str, lang: str, **slots: str) -> str:
     """The form's first training phrasing with `slots` filled in."""

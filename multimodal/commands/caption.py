@@ -63,5 +63,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"captioned {captioned} images ({errors} unreadable), skipped {skipped} already done; "
               f"{rows} rows in {out}")
     if context is not None:
+        dist.barrier()  # no rank tears down gloo while another still merges (it aborted at exit now and then)
         dist.destroy_process_group()
     return 0

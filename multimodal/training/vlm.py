@@ -41,6 +41,7 @@ from torch import nn
 from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
 from multimodal.language import Task, follow_ups, mentioned_classes, rephrase, scene_tasks
+from multimodal.phrasing import is_held_out, perturbed_phrase
 from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, train
 from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
 from vlm.adapter import AdapterConfig
@@ -61,6 +62,7 @@ WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; 
 FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
 BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn before ("What is it wearing?")
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
+PERTURBED_SHARE = 0.3  # questions edited once (a filler word, a wrapper, a word dropped) for unseen wordings
 
 
 
@@ -105,8 +107,13 @@ def sample_kind(rng: random.Random) -> str:
 
 
 def trained_wording(task: Task, rng: random.Random) -> Task:
-    """The task in a training phrasing picked by `rng`; asserts it, as `TrainScenes` asserts the split of its seeds,
-    so no held-out phrasing can reach a gradient."""
+    """The task in a training phrasing picked by `rng`, with `PERTURBED_SHARE` of them edited once
+    (`multimodal.phrasing.perturb`); asserts that it is no held-out sentence, as `TrainScenes` asserts the split of
+    its seeds, so no held-out phrasing can reach a gradient."""
+    if rng.random() < PERTURBED_SHARE:
+        task = replace(task, prompt=perturbed_phrase(task.form, task.lang, dict(task.slots), rng))
+        assert not is_held_out(task.form, task.lang, task.prompt, dict(task.slots)), f"'{task.prompt}' is held out"
+        return task
     task = rephrase(task, rng, "train")
     assert task.split == "train", f"'{task.prompt}' is a held-out phrasing"
     return task
