@@ -12,6 +12,7 @@ only make sense after it (`multimodal.language.follow_ups`).
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -282,11 +283,16 @@ def _is_word(piece: str) -> bool:
     return not SLOT.fullmatch(piece) and piece.isalnum()
 
 
+@functools.cache
+def _question_words(lang: str) -> tuple[str, ...]:
+    return tuple(p.lower() for form in PHRASINGS.values() for t in form[lang].train for p in _pieces(t, lang)
+                 if _is_word(p))
+
+
 def _filler(lang: str, rng: random.Random) -> str:
     """A word the edit puts in: one of the language's own question words, or one the world never uses."""
     if rng.random() < 0.5:
-        words = [p for form in PHRASINGS.values() for t in form[lang].train for p in _pieces(t, lang) if _is_word(p)]
-        return rng.choice(words).lower()
+        return rng.choice(_question_words(lang))
     if lang == "zh":
         return chr(rng.randint(*CJK))
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
@@ -316,7 +322,9 @@ def perturb(template: str, lang: str, rng: random.Random) -> str:
     elif edit == "insert":
         pieces.insert(0, _filler(lang, rng) + (" " if lang == "en" else ""))
     elif edit == "replace" and words:
-        pieces[rng.choice(words)] = _filler(lang, rng)
+        index = rng.choice(words)
+        pieces[index] = next(word for word in iter(lambda: _filler(lang, rng), None)
+                             if word.lower() != pieces[index].lower())
     elif edit == "drop":
         index = rng.choice(words)
         pieces[index] = ""

@@ -7,7 +7,7 @@ import string
 import pytest
 
 from multimodal.language import absent_answer, follow_ups, rephrase, scene_tasks
-from multimodal.phrasing import PHRASINGS, phrasing_split
+from multimodal.phrasing import PHRASINGS, WRAPPERS, _pieces, perturb, perturbed_phrase, phrase, phrasing_split
 from multimodal.world import CLASSES, make_scene, split_seeds
 from vlm.grounding import format_boxes, parse_grounding
 
@@ -136,13 +136,18 @@ def test_follow_ups_refer_back_and_their_answers_agree_with_the_scene():
 def test_held_out_phrasings_never_reach_a_training_batch(monkeypatch):
     from multimodal.training import vlm as training
 
-    worded = []
+    worded, perturbed = [], []
 
     def recording(task, rng, split):
         worded.append(rephrase(task, rng, split))
         return worded[-1]
 
+    def recording_perturbed(form, lang, slots, rng):
+        perturbed.append((form, lang, perturbed_phrase(form, lang, slots, rng), slots))
+        return perturbed[-1][2]
+
     monkeypatch.setattr(training, "rephrase", recording)
+    monkeypatch.setattr(training, "perturbed_phrase", recording_perturbed)
     rng = random.Random(0)
     scenes = [make_scene(seed) for seed in split_seeds("train", 24)]
     asked = set()
@@ -151,12 +156,71 @@ def test_held_out_phrasings_never_reach_a_training_batch(monkeypatch):
         for scene in scenes[step % 20: step % 20 + 4]:
             task, history = training.sample_conversation(scene, kind, rng)
             asked |= {task.prompt} | {question for question, _ in history}
-    assert {task.prompt for task in worded} == asked  # every question of a row was worded by the training path
+    # every question of a row was worded by the training path: a training phrasing, or one edited once
+    assert {task.prompt for task in worded} | {prompt for _, _, prompt, _ in perturbed} == asked
     assert {task.split for task in worded} == {"train"} and len(asked) > 300
+    assert 0.2 < len(perturbed) / (len(perturbed) + len(worded)) < 0.4  # PERTURBED_SHARE
+    for form, lang, prompt, slots in perturbed:
+        assert prompt not in {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
     # The training path itself refuses a held-out wording, as TrainScenes refuses a test seed.
     monkeypatch.setattr(training, "rephrase", lambda task, rng, split: rephrase(task, rng, "held-out"))
     with pytest.raises(AssertionError, match="held-out phrasing"):
         training.sample_task(scenes[0], "refer", rng)
+    # ... and an edited wording that is a held-out sentence.
+    monkeypatch.setattr(training, "rephrase", rephrase)
+    monkeypatch.setattr(training, "perturbed_phrase", lambda form, lang, slots, rng: phrase(form, lang, slots, rng,
+                                                                                           "held-out"))
+    with pytest.raises(AssertionError, match="is held out"):
+        for _ in range(50):
+            training.sample_task(scenes[0], "refer", rng)
+
+
+def pieces_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance over pieces, the slow obvious way."""
+    rows = [list(range(len(b) + 1))]
+    for i, piece in enumerate(a, 1):
+        row = [i]
+        for j, other in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (piece != other)))
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def test_a_perturbed_wording_is_one_edit_from_a_training_phrasing_and_keeps_its_slots():
+    rng = random.Random(7)
+    edits = set()
+    for form, languages in PHRASINGS.items():
+        for lang, phrasings in languages.items():
+            for _ in range(40):
+                template = rng.choice(phrasings.train)
+                edited = perturb(template, lang, rng)
+                assert edited != template
+                assert sorted(slots_of(edited)) == sorted(slots_of(template))
+                prefixes, suffixes = WRAPPERS[lang]
+                unwrapped = [edited[len(p):] for p in prefixes if edited.startswith(p)]
+                unwrapped += [edited[:-len(s)] for s in suffixes if edited.endswith(s)]
+                if any(u.lower() == template.lower() for u in unwrapped):
+                    edits.add("wrap")
+                    continue
+                # the same punctuation, and one word or character more, fewer or other
+                assert [c for c in edited if not c.isalnum()] == [c for c in template if not c.isalnum()] or \
+                    lang == "en"  # an English word inserted brings its space
+                distance = pieces_distance(_pieces(edited.lower(), lang), _pieces(template.lower(), lang))
+                assert distance <= 2 if lang == "en" else distance == 1, (template, edited)
+                edits.add("other")
+    assert edits == {"wrap", "other"}
+
+
+def test_a_perturbed_phrase_is_never_a_held_out_sentence(monkeypatch):
+    import multimodal.phrasing as phrasing
+
+    slots = {"thing": "the dog", "be": "is"}
+    held_out = PHRASINGS["refer"]["en"].held_out[0]
+    proposals = iter([held_out, held_out, PHRASINGS["refer"]["en"].train[3]])
+    monkeypatch.setattr(phrasing, "perturb", lambda template, lang, rng: next(proposals))
+    assert phrasing.perturbed_phrase("refer", "en", slots, random.Random(0)) == "Can you locate the dog?"
+    assert phrasing.is_held_out("refer", "en", held_out.format(**slots), slots)
+    assert not phrasing.is_held_out("refer", "en", "Can you locate the dog?", slots)
 
 
 def test_eval_items_alternate_language_and_phrasing_split():
