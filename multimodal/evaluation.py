@@ -46,6 +46,7 @@ class Result:
     count: int
     bar: float
     details: dict = field(default_factory=dict)
+    split: str = "test"
 
     @property
     def passed(self) -> bool:
@@ -54,26 +55,28 @@ class Result:
     def line(self) -> str:
         verdict = "meets" if self.passed else "below"
         extra = "".join(f", {k} {v:.3f}" if isinstance(v, float) else f", {k} {v}" for k, v in self.details.items())
-        return f"{self.task}: {self.measure} {self.value:.3f} on {self.count} test items ({verdict} the bar " \
+        return f"{self.task}: {self.measure} {self.value:.3f} on {self.count} {self.split} items ({verdict} the bar " \
                f"{self.bar:.2f}){extra}"
 
 
 def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset: int = 0,
-               wording: str = "mixed"):
-    """[(scene, task)]: one task of `kind` (a task kind, or "absent": referring to a class the scene lacks) per test
-    scene, languages alternating and, in pairs, a training phrasing and a held-out one; with `wording` "canonical",
+               wording: str = "mixed", split: str = "test"):
+    """[(scene, task)]: one task of `kind` (a task kind, or "absent": referring to a class the scene lacks) per
+    scene of `split` (test; val for decisions between models), languages alternating and, in pairs, a training phrasing and a held-out one; with `wording` "canonical",
     every question in its form's first wording ("Where is the dog?"), as the world's templates ask it."""
     if wording not in WORDINGS:
         raise ValueError(f"Unknown wording '{wording}'; choose one of {', '.join(WORDINGS)}.")
     wanted = {"absent": lambda t: t.kind == "refer" and t.target is None,
               "refer": lambda t: t.kind == "refer" and t.target is not None}.get(kind, lambda t: t.kind == kind)
     picked = []
-    for index, seed in enumerate(split_seeds("test", count, offset)):
+    if split not in ("test", "val"):
+        raise ValueError(f"Evaluate on the test or val split, not '{split}'.")
+    for index, seed in enumerate(split_seeds(split, count, offset)):
         scene = make_scene(seed, world)
-        lang, split = ("en", "zh")[index % 2], PHRASING_SPLITS[index // 2 % 2]
+        lang, phrasing = ("en", "zh")[index % 2], PHRASING_SPLITS[index // 2 % 2]
         rng = random.Random(seed)
         task = rng.choice([t for t in scene_tasks(scene) if wanted(t) and t.lang == lang])
-        picked.append((scene, reworded(task, rng, split, wording)))
+        picked.append((scene, reworded(task, rng, phrasing, wording)))
     return picked
 
 
@@ -189,7 +192,7 @@ def by_language_and_phrasing(scores: list[float], tasks: list) -> dict[str, floa
 
 
 def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: int = 32,
-                           wording: str = "mixed") -> Result:
+                           wording: str = "mixed", split: str = "test") -> Result:
     """ground, absent, caption or vqa with `answer` answering a batch of questions about images.
 
     Details: by language and phrasing split (training phrasings against held-out ones); for ground, the shares of
@@ -197,7 +200,7 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     a region because the class repeats ("the dog on the left"); for vqa, the accuracy of each question topic (count,
     presence, background, neighbour, wearing, size), presence also by the right answer (yes, no); and the share of
     worded replies (not a bare number or box) in the question's language."""
-    items = eval_tasks(TASK_KINDS[kind], count, wording=wording)
+    items = eval_tasks(TASK_KINDS[kind], count, wording=wording, split=split)
     scores, outcomes, groups, tasks, languages = [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -226,10 +229,11 @@ def evaluate_understanding(kind: str, answer: Answer, count: int, batch_size: in
     worded = [same for same in languages if same is not None]
     if worded:
         details[f"in the question's language ({len(worded)})"] = sum(worded) / len(worded)
-    return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details)
+    return Result(kind, measure, sum(scores) / len(scores), len(scores), BARS[kind], details, split)
 
 
-def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32, wording: str = "mixed") -> Result:
+def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32, wording: str = "mixed",
+                        split: str = "test") -> Result:
     """The vqa questions as the first turn, and again as the second turn after a caption request (in the question's
     language and phrasing split) answered by the model itself. The value is the follow-up accuracy; the bar is the
     first-turn accuracy less `FOLLOW_UP_GAP`.
@@ -237,7 +241,7 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32, w
     Details: the same by language and phrasing split, and questions that refer back to the turn before ("And how
     many cats?", "What is it wearing?", "它在哪里？"), asked after the model's own answer to that turn: exact match,
     or for "Where is it?" a hit (or absent, when the class is)."""
-    items = eval_tasks("vqa", count, wording=wording)
+    items = eval_tasks("vqa", count, wording=wording, split=split)
     first, follow, back = [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
@@ -267,7 +271,8 @@ def evaluate_follow_ups(answer: AnswerTurns, count: int, batch_size: int = 32, w
     details["referring back Acc"] = sum(score for score, _ in back) / len(back)
     details.update({f"referring back, {key}": value
                     for key, value in grouped([score for score, _ in back], [t.form for _, t in back]).items()})
-    return Result("chat", "follow-up exact match", follow_up, len(follow), first_turn - FOLLOW_UP_GAP, details)
+    return Result("chat", "follow-up exact match", follow_up, len(follow), first_turn - FOLLOW_UP_GAP, details,
+                  split)
 
 
 def back_reference(scene, task, wording: str = "mixed"):

@@ -194,7 +194,7 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
         details["FD single-stage"] = frechet_distance(judge.image_features(single_images), rendered_features)
         details["single-stage presence"] = share(judge_presence(judge, single_images, items))
         details["single-stage steps"] = single_steps
-    result = Result("draw", "all objects present", share(presence), len(items), BARS["draw"], details)
+    result = Result("draw", "all objects present", share(presence), len(items), BARS["draw"], details, split)
     return result, items, relay_images
 
 

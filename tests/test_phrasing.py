@@ -8,7 +8,7 @@ import pytest
 
 from multimodal.language import absent_answer, follow_ups, rephrase, scene_tasks
 from multimodal.phrasing import PHRASINGS, WRAPPERS, _pieces, perturb, perturbed_phrase, phrase, phrasing_split
-from multimodal.world import CLASSES, make_scene, split_seeds
+from multimodal.world import CLASSES, make_scene, split_of, split_seeds
 from vlm.grounding import format_boxes, parse_grounding
 
 QUESTION_KINDS = {"caption": ["caption"], "grounded_caption": ["grounded_caption"], "refer": ["refer"],
@@ -236,6 +236,11 @@ def test_eval_items_alternate_language_and_phrasing_split():
         assert all(t.prompt == PHRASINGS[t.form][t.lang].train[0].format(**dict(t.slots)) for _, t in canonical)
     with pytest.raises(ValueError, match="Unknown wording"):
         eval_tasks("vqa", 4, wording="fancy")
+    validation = eval_tasks("refer", 8, split="val")
+    assert all(split_of(scene.seed) == "val" for scene, _ in validation)
+    assert all(split_of(scene.seed) == "test" for scene, _ in eval_tasks("refer", 8))
+    with pytest.raises(ValueError, match="test or val split"):
+        eval_tasks("vqa", 4, split="train")
 
 
 def test_absent_measure_counts_absence_without_a_box_and_nothing_else():

@@ -1,5 +1,5 @@
 """`multimodal eval ground|absent|caption|vqa|chat|draw`: the quality measures of the README's quality table, on the
-test split.
+test split (`--split val` to choose between models without looking at it).
 
 Questions alternate English and Chinese and, in pairs, a training phrasing and one held out of training; every
 measure is also reported by language and by phrasing split (`--wording canonical` asks each question in its form's
@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                         help="test items (default: 200)")
     parser.add_argument("--sheet", default=None, help="draw: write a contact sheet of the first 24 prompts here")
     parser.add_argument("--split", choices=["test", "val"], default="test",
-                        help="draw: the val split is for choosing sampler settings, the test split for reporting")
+                        help="the val split is for choosing between models and sampler settings, the test split for "
+                             "reporting")
     parser.add_argument("--guidance", type=float, default=None, help="draw: guidance scale (default: the model's)")
     parser.add_argument("--judge", default=None, help="judge checkpoint folder (default: the shipped judge)")
     parser.add_argument("--wording", choices=["mixed", "canonical"], default="mixed",
@@ -67,16 +68,18 @@ def run(args: argparse.Namespace) -> int:
         if args.sheet:
             write_sheet(args.sheet, items, images)
     elif args.task == "chat":
-        result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count, wording=args.wording)
+        result = evaluate_follow_ups(answer_turns_with(engine.chat_model), count, wording=args.wording,
+                                     split=args.split)
     else:
-        result = evaluate_understanding(args.task, answer_with(engine.chat_model), count, wording=args.wording)
+        result = evaluate_understanding(args.task, answer_with(engine.chat_model), count, wording=args.wording,
+                                        split=args.split)
     tags = ([args.quant] if args.quant != "none" else []) + ([f"{args.wording} wording"] if args.wording != "mixed"
                                                              else [])
     print(result.line() + "".join(f" [{tag}]" for tag in tags))
     if args.json:
         record = {"task": result.task, "measure": result.measure, "value": result.value, "count": result.count,
                   "bar": result.bar, "passed": result.passed, "quant": args.quant, "wording": args.wording,
-                  **result.details}
+                  "split": args.split, **result.details}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
