@@ -62,8 +62,9 @@ class Result:
 def eval_tasks(kind: str, count: int, world: WorldConfig = WorldConfig(), offset: int = 0,
                wording: str = "mixed", split: str = "test"):
     """[(scene, task)]: one task of `kind` (a task kind, or "absent": referring to a class the scene lacks) per
-    scene of `split` (test; val for decisions between models), languages alternating and, in pairs, a training phrasing and a held-out one; with `wording` "canonical",
-    every question in its form's first wording ("Where is the dog?"), as the world's templates ask it."""
+    scene of `split` (test; val for decisions between models), languages alternating and, in pairs, a training
+    phrasing and a held-out one; with `wording` "canonical", every question in its form's first wording ("Where is
+    the dog?"), as the world's templates ask it."""
     if wording not in WORDINGS:
         raise ValueError(f"Unknown wording '{wording}'; choose one of {', '.join(WORDINGS)}.")
     wanted = {"absent": lambda t: t.kind == "refer" and t.target is None,
