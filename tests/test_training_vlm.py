@@ -383,3 +383,51 @@ def test_the_recipe_trains_exports_and_evaluates_every_embedded_model(tmp_path):
     assert json.loads((tmp_path / "recipe.json").read_text()) == json.loads(json.dumps(record))
     for part in ("vlm", "diffusion", "judge", "tokenizer.json"):
         assert (tmp_path / "suite" / part).exists()
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_rows_in_groups_of_similar_length_give_the_loss_and_gradients_of_the_whole_batch(generator, groups):
+    from multimodal.training.vlm import vision_heads, vision_pool, vision_step_loss
+
+    torch.set_num_threads(1)
+    tokenizer = load_world_tokenizer()
+    model = _grown_world_vlm(tokenizer, generator).train()
+    heads = vision_heads(model.vlm_config, PatchDetectionHead(model.vlm_config.vision.width))
+    pool = vision_pool(40, model.vlm_config.vision.image_size, cached=False)
+    params = [p for p in model.parameters()] + list(heads.parameters())
+    results = []
+    for count in (1, groups):
+        for param in params:
+            param.grad = None
+        step = vision_step_loss(model, heads, tokenizer, pool, seed=0, batch_size=8, groups=count)
+        losses = [step(index) for index in range(3)]  # float32: the same batches either way
+        sum(loss for loss, _ in losses).backward()
+        results.append(([parts for _, parts in losses], [p.grad.clone() for p in params if p.grad is not None]))
+    (whole_parts, whole_grads), (grouped_parts, grouped_grads) = results
+    assert {name for parts in whole_parts for name in parts} >= {"answer", "detection", "spread", "lookup", "query"}
+    for whole, grouped in zip(whole_parts, grouped_parts):
+        assert whole.keys() == grouped.keys()
+        for name in whole:
+            assert grouped[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
+    assert len(whole_grads) == len(grouped_grads)
+    for whole, grouped in zip(whole_grads, grouped_grads):
+        torch.testing.assert_close(grouped, whole, rtol=1e-4, atol=1e-6)
+
+
+def test_length_groups_cut_sorted_rows_where_padding_is_least():
+    from multimodal.training.loop import length_groups
+
+    lengths = [5, 50, 6, 7, 48, 60, 8, 9]
+    assert length_groups(lengths, 1) == [list(range(8))]
+    assert length_groups(lengths, 2) == [[0, 2, 3, 6, 7], [4, 1, 5]]
+    assert length_groups([4, 4, 4], 2) == [[0, 1, 2]]  # nothing to save: one group
+    for groups in (2, 3, 4):
+        found = length_groups(lengths, groups)
+        assert sorted(i for group in found for i in group) == list(range(8)) and len(found) <= groups
+        padded = sum(len(group) * max(lengths[i] for i in group) for group in found)
+        # the slow obvious way: every way to cut the sorted rows into at most `groups` runs
+        import itertools
+        ordered = sorted(lengths)
+        best = min(sum((end - start) * ordered[end - 1] for start, end in zip((0,) + cuts, cuts + (8,)))
+                   for k in range(groups) for cuts in itertools.combinations(range(1, 8), k))
+        assert padded == best

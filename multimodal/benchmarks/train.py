@@ -85,7 +85,7 @@ def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> B
         size = vlm.vlm_config.vision.image_size
 
         def vision_loss(pool, batch):
-            return recipe.vision_step_loss(vlm, heads, tokenizer, pool, seed, batch, device)
+            return recipe.vision_step_loss(vlm, heads, tokenizer, pool, seed, batch, device, settings.groups)
 
         return Bench(torch.nn.ModuleDict({"vlm": vlm, "heads": heads}),
                      [p for p in vlm.parameters() if p.requires_grad] + list(heads.parameters()), vision_loss,

@@ -162,15 +162,37 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch: int = 16) -> float:
     return base_lr * batch_size / base_batch
 
 
+def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
+    """The indices of `lengths` (rows of a batch) in at most `groups` groups of consecutive lengths, sorted, cut where
+    the padded total (each group padded to its longest) is least; one group, in batch order, when `groups` is 1."""
+    if groups <= 1 or len(lengths) <= 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ordered = [lengths[i] for i in order]
+    # best[g][end]: (padded total, cut points) of the first `end` sorted rows in g groups
+    best = [[(0, ())] + [(math.inf, ())] * len(ordered)]
+    for _ in range(min(groups, len(ordered))):
+        previous = best[-1]
+        best.append([(0, ())] + [min((previous[start][0] + (end - start) * ordered[end - 1], previous[start][1] +
+                                      (start,)) for start in range(end)) for end in range(1, len(ordered) + 1)])
+    cuts = min(level[-1] for level in best[1:])[1] + (len(ordered),)
+    return [order[start:end] for start, end in zip(cuts, cuts[1:]) if end > start]
+
+
+LENGTH_GROUPS = 2  # the fast loop's groups of similar length within a batch (`length_groups`)
+
+
 @dataclass(frozen=True)
 class LoopSettings:
-    """How a training loop is fed and run: batch, peak learning rate, runtime, and whether scenes (and, for
-    text-conditioned models, text states) come from the caches of `multimodal.training.data`."""
+    """How a training loop is fed and run: batch, peak learning rate, runtime, whether scenes (and, for
+    text-conditioned models, text states) come from the caches of `multimodal.training.data`, and in how many
+    groups of similar length a batch of token rows runs (`length_groups`)."""
 
     batch_size: int
     lr: float
     runtime: Runtime
     cached: bool
+    groups: int = 1
 
     def schedule(self, steps: int, warmup_samples: int) -> Schedule:
         """`steps` optimizer steps; the warmup is given in samples so it means the same at any batch."""
@@ -188,8 +210,8 @@ class LoopRecipe:
     def settings(self, loop: str = "fast", device: str = "cpu", batch_size: int | None = None,
                  lr: float | None = None) -> LoopSettings:
         """"reference": the loop as it first ran (float32, eager, data made inside the loop, the base batch); "fast":
-        native bf16 autocast, cached data and the fast batch. `lr` is the peak rate at the base batch; a larger
-        batch scales it by `scaled_lr`'s rule."""
+        native bf16 autocast, cached data, the fast batch and rows in groups of similar length. `lr` is the peak
+        rate at the base batch; a larger batch scales it by `scaled_lr`'s rule."""
         lr = lr or self.base_lr
         if loop == "reference":
             batch = batch_size or self.base_batch
@@ -197,7 +219,8 @@ class LoopRecipe:
         if loop != "fast":
             raise ValueError(f"Unknown training loop '{loop}'; use fast or reference.")
         batch = batch_size or self.fast_batch
-        return LoopSettings(batch, scaled_lr(lr, batch, self.base_batch), Runtime.fast(device), cached=True)
+        return LoopSettings(batch, scaled_lr(lr, batch, self.base_batch), Runtime.fast(device), cached=True,
+                            groups=LENGTH_GROUPS)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
 from multimodal.language import Task, follow_ups, mentioned_classes, rephrase, scene_tasks
 from multimodal.phrasing import is_held_out, perturbed_phrase
-from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, train
+from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, length_groups, train
 from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
@@ -167,12 +167,15 @@ def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task]
     return rows, lengths
 
 
-def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Cross-entropy of the answer tokens, which end every row (the processor right-aligns rows)."""
+def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, lengths: list[int],
+                reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the answer tokens, which end every row (the processor right-aligns rows): their mean, or with
+    `reduction` "sum" their sum."""
     labels = torch.full_like(input_ids, -100)
     for row, length in enumerate(lengths):
         labels[row, -length:] = input_ids[row, -length:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 class PatchDetectionHead(nn.Module):
@@ -283,9 +286,10 @@ def lookup_cells(scene: Scene, task: Task, grid: int) -> list[int]:
 
 
 def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[int],
-               names: list[str | None]) -> torch.Tensor | None:
+               names: list[str | None], reduction: str = "mean") -> torch.Tensor | None:
     """Cross-entropy of the class a question looks for, read linearly from the lookup layer's input at the position
-    that predicts the first answer token; rows without a class do not count. None when no row has one.
+    that predicts the first answer token; rows without a class do not count. None when no row has one; with
+    `reduction` "none", one loss per row that counts.
 
     The lookup can only match what that position's query holds, and the frozen text-encoder layers were trained on
     text alone, where the class asked about hardly changes the answer, so they have no reason to carry it there.
@@ -296,14 +300,15 @@ def query_loss(classifier: nn.Linear, layer_input: torch.Tensor, lengths: list[i
     length = layer_input.shape[1]
     queries = torch.stack([layer_input[row, length - lengths[row] - 1] for row in rows])  # [R, C]
     targets = torch.tensor([list(CLASSES).index(names[row]) for row in rows], device=layer_input.device)
-    return F.cross_entropy(classifier(queries), targets)
+    return F.cross_entropy(classifier(queries), targets, reduction=reduction)
 
 
 def lookup_loss(model: VisionLanguageModel, layer_input: torch.Tensor, inputs, lengths: list[int],
-                cells: list[list[int]]) -> torch.Tensor | None:
+                cells: list[list[int]], reduction: str = "mean") -> torch.Tensor | None:
     """-log of the attention that `lookup_attention`'s heads pay, from each position that predicts an answer token,
     to the image tokens of the row's `lookup_cells` (the tokens the detection head teaches to carry those objects'
-    boxes); rows without cells do not count. None when no row has cells.
+    boxes); rows without cells do not count. None when no row has cells; with `reduction` "none", one loss per row
+    that counts.
 
     The answer loss alone teaches the region words ("the dog on the left") long before the class words ("the dog",
     "Is there a dog?"; see `multimodal eval ground|vqa`'s breakdowns), since finding an object by what it is takes
@@ -320,7 +325,9 @@ def lookup_loss(model: VisionLanguageModel, layer_input: torch.Tensor, inputs, l
         keys = [inputs.image_start + 1 + cell for cell in row_cells]
         on_target = probs[row, :, predicting][..., keys].sum(-1)  # [h, answer_length]
         losses.append(-torch.log(on_target + 1e-6).mean())
-    return torch.stack(losses).mean() if losses else None
+    if not losses:
+        return None
+    return torch.stack(losses).mean() if reduction == "mean" else torch.stack(losses)
 
 
 def grow(model: VisionLanguageModel, config: VLMConfig, count: int) -> tuple[VisionLanguageModel, VLMConfig]:
@@ -457,9 +464,11 @@ def vision_pool(scenes: int, image_size: int, cached: bool, drawing_share: float
 
 
 def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool,
-                     seed: int, batch_size: int, device: str = "cpu"):
+                     seed: int, batch_size: int, device: str = "cpu", groups: int = 1):
     """step -> (loss, components) on the vision stage's batch of that step: the answer, detection, spread, lookup
-    and query losses."""
+    and query losses. With `groups` > 1 the core runs the batch's rows in up to that many groups of similar length
+    (`length_groups`), which spends less on padding (rows with earlier turns are several times longer than rows
+    without); the losses are the same sums over the same rows."""
     config = model.vlm_config
     processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
 
@@ -470,25 +479,33 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
         scenes = [pool.scene(s) for s in seeds]
         tasks, histories = zip(*(sample_conversation(scene, kind, rng) for scene in scenes))
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True, histories=histories)
-        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config)  # [B, 3, S, S]
-        inputs = processor.layout(rows, config.image_tokens, pixels).to(device)
-        features = model.vision(inputs.pixels)  # [B, g*g, W]
+        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config).to(device)  # [B, 3, S, S]
+        features = model.vision(pixels)  # [B, g*g, W]
         image_embeds = model.adapter(features)  # [B, n, H]: boi, patches, eoi
-        logits, hidden_states = model(inputs.input_ids, image_embeds=image_embeds,
-                                      image_start=inputs.image_start, positions=inputs.positions,
-                                      attention_mask=inputs.attention_mask, output_hidden_states=True)
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
-        parts = {"answer": answer_loss(logits, inputs.input_ids, lengths),
-                 "detection": heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes),
-                 "spread": spread_loss(patches)}
         grid = round(patches.shape[1] ** 0.5)
-        lookup_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
         cells = [lookup_cells(scene, task, grid) for scene, task in zip(scenes, tasks)]
         names = [question_class(scene, task) for scene, task in zip(scenes, tasks)]
-        for name, extra in (("lookup", lookup_loss(model, lookup_input, inputs, lengths, cells)),
-                            ("query", query_loss(heads["query"], lookup_input, lengths, names))):
-            if extra is not None:
-                parts[name] = extra
+        answer_sum, lookups, queries = 0.0, [], []
+        for group in length_groups([len(before) + len(after) for before, after in rows], groups):
+            inputs = processor.layout([rows[i] for i in group], config.image_tokens).to(device)
+            logits, hidden_states = model(inputs.input_ids, image_embeds=image_embeds[group],
+                                          image_start=inputs.image_start, positions=inputs.positions,
+                                          attention_mask=inputs.attention_mask, output_hidden_states=True)
+            group_lengths = [lengths[i] for i in group]
+            answer_sum = answer_sum + answer_loss(logits, inputs.input_ids, group_lengths, reduction="sum")
+            lookup_input = hidden_states[config.text.num_layers - GROWN_LAYERS]
+            lookups.append(lookup_loss(model, lookup_input, inputs, group_lengths, [cells[i] for i in group],
+                                       reduction="none"))
+            queries.append(query_loss(heads["query"], lookup_input, group_lengths, [names[i] for i in group],
+                                      reduction="none"))
+        parts = {"answer": answer_sum / sum(lengths),
+                 "detection": heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes),
+                 "spread": spread_loss(patches)}
+        for name, per_row in (("lookup", lookups), ("query", queries)):
+            per_row = [losses for losses in per_row if losses is not None]
+            if per_row:
+                parts[name] = torch.cat(per_row).mean()
         return sum(parts.values()), {name: value.item() for name, value in parts.items()}
 
     return vision_loss
@@ -518,7 +535,7 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
     vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision, lr=settings.lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
-    step_loss = vision_step_loss(model, heads, tokenizer, pool, seed, settings.batch_size, device)
+    step_loss = vision_step_loss(model, heads, tokenizer, pool, seed, settings.batch_size, device, settings.groups)
     train(run, model, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes, extra=heads,
           runtime=settings.runtime, batch_size=settings.batch_size)
     assert text_encoder_fingerprint(model) == fingerprint, "the frozen text encoder changed during the vision stage"
