@@ -336,14 +336,14 @@ def perturb(template: str, lang: str, rng: random.Random) -> str:
 
 def perturbed_phrase(form: str, lang: str, slots: dict[str, str], rng: random.Random) -> str:
     """A training phrasing of `form` with one edit (`perturb`), slots filled in; never a held-out sentence."""
-    held_out = {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
     while True:
         prompt = perturb(rng.choice(PHRASINGS[form][lang].train), lang, rng).format(**slots)
-        if prompt not in held_out:
+        if not is_held_out(form, lang, prompt, slots):
             return prompt
 
 
 def is_held_out(form: str, lang: str, prompt: str, slots: dict[str, str]) -> bool:
+    """Whether `prompt` is one of the form's held-out sentences."""
     return prompt in {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
 
 
