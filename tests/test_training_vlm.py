@@ -333,11 +333,14 @@ def test_a_vision_stage_can_start_from_a_finished_vlm(tmp_path):
                   init=tmp_path / "first" / "language" / "model")
 
 
-def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answer():
+def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answer(monkeypatch):
     import random
 
+    import multimodal.training.vlm as training
     from multimodal.phrasing import PHRASINGS
     from multimodal.training.vlm import earlier_turns
+
+    monkeypatch.setattr(training, "PERTURBED_SHARE", 0.0)  # every earlier turn in a training phrasing as it stands
 
     tokenizer = load_world_tokenizer()
     config = world_vlm_config(tokenizer.vocab_size)
