@@ -502,10 +502,10 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
         parts = {"answer": answer_sum / sum(lengths),
                  "detection": heads["tower"].loss(features, scenes) + heads["tokens"].loss(patches, scenes),
                  "spread": spread_loss(patches)}
-        for name, per_row in (("lookup", lookups), ("query", queries)):
-            per_row = [losses for losses in per_row if losses is not None]
-            if per_row:
-                parts[name] = torch.cat(per_row).mean()
+        for name, by_group in (("lookup", lookups), ("query", queries)):
+            counted = [losses for losses in by_group if losses is not None]  # a group may have no row that counts
+            if counted:
+                parts[name] = torch.cat(counted).mean()
         return sum(parts.values()), {name: value.item() for name, value in parts.items()}
 
     return vision_loss
