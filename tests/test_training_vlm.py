@@ -370,6 +370,30 @@ def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answ
         after)
 
 
+def test_about_half_of_the_earlier_turns_end_in_a_caption_request():
+    import random
+
+    from multimodal.training.vlm import CAPTION_LEAD_SHARE, MAX_EARLIER_TURNS, earlier_turns
+
+    rng = random.Random(5)
+    scenes = [make_scene(seed) for seed in split_seeds("train", 12)]
+    ends_in_caption, counts = [], []
+    for index in range(600):
+        scene = scenes[index % len(scenes)]
+        task = rng.choice([t for t in scene_tasks(scene) if t.kind in ("vqa", "refer")])
+        captions = {t.answer for t in scene_tasks(scene) if t.kind == "caption" and t.lang == task.lang}
+        history = earlier_turns(scene, task, rng)
+        assert 1 <= len(history) <= MAX_EARLIER_TURNS
+        answers = [answer for _, answer in history]
+        ends_in_caption.append(answers[-1] in captions)
+        if answers[-1] in captions:
+            counts.append(len(history))
+            assert not any(answer in captions for answer in answers[:-1])  # one caption, the turn just before
+    share = sum(ends_in_caption) / len(ends_in_caption)
+    assert CAPTION_LEAD_SHARE - 0.07 < share < CAPTION_LEAD_SHARE + 0.1  # plus the captions drawn among the others
+    assert set(counts) == set(range(1, MAX_EARLIER_TURNS + 1))  # alone, or after other turns
+
+
 def test_the_recipe_trains_exports_and_evaluates_every_embedded_model(tmp_path):
     import json
 

@@ -61,6 +61,7 @@ RECIPE = LoopRecipe(base_batch=16, base_lr=1e-3, fast_batch=16)  # larger batche
 WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; the language and tower stages'
 FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
 BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn before ("What is it wearing?")
+CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 PERTURBED_SHARE = 0.3  # questions edited once (a filler word, a wrapper, a word dropped) for unseen wordings
 
@@ -144,11 +145,19 @@ def earlier_turns(scene: Scene, task: Task, rng: random.Random,
                   at_most: int = MAX_EARLIER_TURNS) -> tuple[tuple[str, str], ...]:
     """One to `at_most` earlier (question, answer) turns about the same scene in the task's language, in training
     phrasings, so the model learns to answer a question that comes after others (the image stays in the first
-    turn)."""
+    turn). With `CAPTION_LEAD_SHARE` the last of them asks for a caption."""
     options = [t for t in scene_tasks(scene)  # grounded captions are long: the context holds three earlier turns
                if t.lang == task.lang and t.kind not in ("draw", "grounded_caption")
                and (t.form, t.slots) != (task.form, task.slots)]
-    picked = rng.sample(options, min(len(options), rng.randint(1, at_most)))
+    captions = [t for t in options if t.kind == "caption"]
+    # A scene has one caption form per language among dozens of questions: without this share a question rarely
+    # follows a description, the first turn users most often start with.
+    if captions and rng.random() < CAPTION_LEAD_SHARE:
+        lead = rng.choice(captions)
+        others = [t for t in options if t.kind != "caption"]
+        picked = rng.sample(others, min(len(others), rng.randint(0, at_most - 1))) + [lead]
+    else:
+        picked = rng.sample(options, min(len(options), rng.randint(1, at_most)))
     return tuple((t.prompt, t.answer) for t in (trained_wording(t, rng) for t in picked))
 
 
