@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("gemv.c", "bf16_blocked.c", "decode.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("gemv.c", "bf16_blocked.c", "int8_blocked.c", "decode.c"))
 HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the cache key, not of the command line
 NATIVE = "native"
 BLOCKED_ROWS = 8  # rows up to which the blocked bfloat16 kernel runs (`PackedLinear.blocked`); oneDNN's matmul above
@@ -63,6 +64,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gemv_bf16_blocked.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
     lib.gemv_bf16_blocked.restype = ctypes.c_int
     lib.gemv_bf16_block.restype = ctypes.c_int
+    lib.gemv_int8_blocked.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
+    lib.gemv_int8_blocked.restype = ctypes.c_int
+    lib.gemv_int8_block.restype = ctypes.c_int
+    lib.gemv_int8_blocked_vnni.restype = ctypes.c_int
     lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
@@ -184,6 +189,46 @@ def bf16_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, out_features: int,
     if lib.gemv_bf16_blocked(rows.data_ptr(), blocked.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
                              rows.shape[1], torch.get_num_threads()) != 0:
         raise MemoryError("The bfloat16 decode kernel could not allocate its buffers.")
+    return out
+
+
+def int8_blocked_available(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether this CPU's build multiplies int8 blocks with AVX512_VNNI, where the blocked layout pays."""
+    lib = lib or library()
+    return lib is not None and lib.gemv_int8_blocked_vnni() > 0
+
+
+def block_int8(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """An int8 weight [N, K] in the blocked layout of `kernels/csrc/int8_blocked.c`: [ceil(N / B), K2 / 2, B, 2] for
+    blocks of B output rows and K2 = K rounded up to even, the rows and the column past the weight zeros."""
+    lib = lib or library()
+    block = lib.gemv_int8_block()
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"The blocked int8 layout takes an int8 matrix, not a {weight.dtype} tensor of shape "
+                         f"{tuple(weight.shape)}.")
+    rows, cols = weight.shape
+    padded = torch.zeros(-(-rows // block) * block, cols + cols % 2, dtype=torch.int8)
+    padded[:rows, :cols] = weight.detach()
+    return padded.reshape(-1, block, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()  # [N / B, K2 / 2, B, 2]
+
+
+def unblock_int8(blocked: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The row-major int8 weight [N, K] back from `block_int8`'s layout."""
+    blocks, pairs, block, _ = blocked.shape
+    return blocked.transpose(1, 2).reshape(blocks * block, pairs * 2)[:out_features, :in_features].contiguous()
+
+
+def int8_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor, out_features: int,
+                      lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float @ (the blocked int8 weight (`block_int8`) * scales [N]).T -> [M, N] float32, each activation
+    row rounded to int16 as `int8_gemv` rounds it; any number of rows."""
+    lib = lib or library()
+    rows = _rows(x)  # [M, K]
+    scales = scales.to(torch.float32).contiguous()  # [N]
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)  # [M, N]
+    if lib.gemv_int8_blocked(rows.data_ptr(), blocked.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
+                             out_features, rows.shape[1], torch.get_num_threads()) != 0:
+        raise MemoryError("The int8 decode kernel could not allocate its buffers.")
     return out
 
 

@@ -201,3 +201,59 @@ def test_blocked_layout_takes_bfloat16_with_even_columns_only():
         cpu_gemv.block_bf16(torch.ones(4, 3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="even number of columns"):
         cpu_gemv.block_bf16(torch.ones(4, 4))
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("rows, out_features, in_features", [
+    (1, 70, 96),  # one row, a partial last block (16-row blocks)
+    (3, 37, 17),  # an odd K: a zero column completes the last pair
+    (8, 200, 64),  # a full pass of eight rows over three full tasks of four blocks and a one-block tail
+    (11, 64, 2),  # a second, partial pass of rows; the narrowest pair
+    (2, 33, 1),  # a single column
+    (1, 19, 1001),  # an odd number of pairs after an even loop
+])
+def test_blocked_int8_kernel_matches_float64_within_its_rounding(target, in_integers, rows, out_features, in_features):
+    lib = _library(target)
+    if target != "native":  # the explicit targets lack AVX512_VNNI: the portable loop reads the same layout
+        assert lib.gemv_int8_blocked_vnni() == 0
+    generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    scales = torch.rand(out_features, generator=generator) * 0.01
+    x = torch.randn(rows, in_features, generator=generator) * torch.logspace(-3, 2, rows)[:, None]
+    x[0, 0] = 30 * x[0].abs().max()  # an outlier
+    blocked = cpu_gemv.block_int8(weight, lib)
+    pairs = (in_features + 1) // 2
+    assert blocked.shape == (-(-out_features // 16), pairs, 16, 2)
+    assert blocked[-1, :, out_features % 16 or 16:].abs().sum() == 0  # the rows past N are zeros
+    assert in_features % 2 == 0 or blocked[:, -1, :, 1].abs().sum() == 0  # and the column past an odd K
+    assert torch.equal(cpu_gemv.unblock_int8(blocked, out_features, in_features), weight)
+    expected = (x.double() @ weight.double().T) * scales.double()  # [M, N]
+    out = cpu_gemv.int8_blocked_gemv(x, blocked, scales, out_features, lib)
+    assert out.shape == (rows, out_features) and out.dtype == torch.float32
+    # the row-major kernel's bound: int16 rounding of each activation row, then float32 sums
+    activation = x.double().abs().amax(1, keepdim=True) / 65534 * (weight.double().abs().sum(1) * scales.double())
+    summation = 1e-5 * (x.double().abs() @ weight.double().abs().T) * scales.double()
+    assert ((out.double() - expected).abs() <= activation + summation + 1e-30).all()
+    if lib.gemv_integer_paths():  # both kernels sum the same int16 x int8 products exactly in integers
+        torch.testing.assert_close(out, cpu_gemv.int8_gemv(x, weight, scales, lib), rtol=1e-6, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+def test_blocked_int8_sums_do_not_overflow(target, in_integers):
+    """2^15 columns of the largest weights and activations: an int32 lane would pass 2^31 without its flushes."""
+    lib = _library(target)
+    in_features = 1 << 15
+    weight = torch.full((3, in_features), 127, dtype=torch.int8)
+    weight[1] = -127
+    out = cpu_gemv.int8_blocked_gemv(torch.ones(1, in_features), cpu_gemv.block_int8(weight, lib),
+                                     torch.tensor([1.0, 0.5, 2.0]), 3, lib)
+    torch.testing.assert_close(out[0], torch.tensor([127.0, -63.5, 254.0]) * in_features, rtol=1e-6, atol=0)
+
+
+def test_blocked_int8_layout_takes_int8_matrices_only():
+    with pytest.raises(ValueError, match="int8 matrix"):
+        cpu_gemv.block_int8(torch.ones(4, 3))
+    with pytest.raises(ValueError, match="int8 matrix"):
+        cpu_gemv.block_int8(torch.ones(4, dtype=torch.int8))

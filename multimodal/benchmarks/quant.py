@@ -4,8 +4,10 @@ All three variants are the same random-weight model: the float one in `--dtype` 
 prepacked for oneDNN and single rows on the decode kernel, `glm.generate.pack_for_cpu`, our float path there), the
 others quantized from it with the output layer included (unless `--exclude` says otherwise) and run with `--dtype`
 activations on the default kernel path (`kernels.dispatch`: on the CPU the decode kernel for up to four rows and
-torch's fused kernels or the planes path above; Triton on CUDA). `--float-kernel onednn`, `--int8-kernel cpu` and
-`--int4-kernel cpu` give the paths before the decode kernels, for a comparison in one run. Reported per variant:
+torch's fused kernels or the planes path above; Triton on CUDA), INT8 on the CPU in the blocked layout of
+`glm.generate.BlockedInt8Linear` where the CPU has AVX512_VNNI. `--float-kernel onednn`, `--int8-kernel gemv` (the
+row-major decode kernel), `--int8-kernel cpu` and `--int4-kernel cpu` give the other paths, for a comparison in one
+run. Reported per variant:
 - weights MB: every tensor of the state dict;
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
@@ -156,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model), decode_kernel=args.float_kernel == "auto")
+        if args.int8_kernel == "auto":  # and INT8 ours: blocked where the CPU has AVX512_VNNI
+            models["int8"] = pack_for_cpu(models["int8"])
     prepare_decode_steps(models, args)
     speeds = tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
