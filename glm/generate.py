@@ -100,17 +100,26 @@ def pack_for_cpu(model: nn.Module, decode_kernel: bool = True) -> nn.Module:
 
     Float layers stay as they are where oneDNN is unavailable; apply it after quantization or TP passes, never before.
     """
+    if torch.backends.mkldnn.is_available():
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if (isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16)
+                        and child.weight.is_cpu):
+                    setattr(module, name, PackedLinear(child, decode_kernel))
+    return block_int8_for_cpu(model) if decode_kernel else model
+
+
+def block_int8_for_cpu(model: nn.Module) -> nn.Module:
+    """Where the CPU has AVX512_VNNI, swap every CPU `Int8WeightOnlyLinear` on the "auto" backend for a
+    `BlockedInt8Linear` (in place; inference only, not saveable); elsewhere leave the model as it is."""
     from kernels import cpu_gemv
     from multimodal.quantize import Int8WeightOnlyLinear
 
-    blocked_int8 = decode_kernel and cpu_gemv.int8_blocked_available()
+    if not cpu_gemv.int8_blocked_available():
+        return model
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if (isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16)
-                    and child.weight.is_cpu and torch.backends.mkldnn.is_available()):
-                setattr(module, name, PackedLinear(child, decode_kernel))
-            elif (blocked_int8 and type(child) is Int8WeightOnlyLinear and child.backend == "auto"
-                  and child.weight.is_cpu):
+            if type(child) is Int8WeightOnlyLinear and child.backend == "auto" and child.weight.is_cpu:
                 setattr(module, name, BlockedInt8Linear(child))
     return model
 

@@ -55,6 +55,25 @@ def test_int8_answers_stay_above_the_floors():
         assert result.value >= FLOORS[kind] - 0.05, result.line()
 
 
+def test_int8_layers_take_the_blocked_layout_where_the_cpu_has_vnni_with_the_same_answers(monkeypatch):
+    from glm.generate import BlockedInt8Linear
+    from kernels import cpu_gemv
+    from multimodal.quantize import Int8WeightOnlyLinear
+
+    if not cpu_gemv.available():
+        pytest.skip("no C compiler builds the decode kernels here")
+    answers, kinds = {}, {}
+    for blocked in (False, True):  # where the CPU lacks AVX512_VNNI the blocked layout runs its portable loop
+        monkeypatch.setattr(cpu_gemv, "int8_blocked_available", lambda lib=None, blocked=blocked: blocked)
+        int8 = Engine.load(quant="int8")
+        kinds[blocked] = {type(m) for m in int8.chat_model.model.modules()} & {BlockedInt8Linear, Int8WeightOnlyLinear}
+        image = int8.scene(2_000_011)
+        answers[blocked] = [int8.ground(image, question).text for question in
+                            ("Where is the dog?", "Describe the image.", "图中有几个物体？")]
+    assert kinds == {False: {Int8WeightOnlyLinear}, True: {BlockedInt8Linear}}
+    assert answers[True] == answers[False]  # rounding the activations to int16 per row moves no greedy token
+
+
 def test_the_loaded_vlm_decodes_through_the_c_step_as_the_eager_path_does(engine):
     from kernels import cpu_gemv
 
