@@ -67,15 +67,20 @@ def test_float_kernels_match_float64(target, in_integers, dtype, rows, in_featur
 
 @needs_kernels
 @pytest.mark.parametrize("target, in_integers", TARGETS)
-def test_long_rows_do_not_overflow_the_integer_sums(target, in_integers):
-    """At the largest weights and activations an int32 lane of 2^15 columns would reach 4.3e9 without flushes."""
+@pytest.mark.parametrize("blocked", [False, True])
+def test_long_rows_do_not_overflow_the_integer_sums(target, in_integers, blocked):
+    """At the largest weights and activations an int32 lane of 2^15 columns would reach 4.3e9 without flushes, in
+    the row-major kernel and in the blocked one."""
     lib = _library(target)
     in_features = 1 << 15
     weight = torch.full((3, in_features), 127, dtype=torch.int8)
     weight[1] = -127
     scales = torch.tensor([1.0, 0.5, 2.0])
     x = torch.ones(1, in_features)
-    out = cpu_gemv.int8_gemv(x, weight, scales, lib)
+    if blocked:
+        out = cpu_gemv.int8_blocked_gemv(x, cpu_gemv.block_int8(weight, lib), scales, 3, lib)
+    else:
+        out = cpu_gemv.int8_gemv(x, weight, scales, lib)
     expected = torch.tensor([127.0, -63.5, 254.0]) * in_features
     torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=0)
 
@@ -237,19 +242,6 @@ def test_blocked_int8_kernel_matches_float64_within_its_rounding(target, in_inte
     assert ((out.double() - expected).abs() <= activation + summation + 1e-30).all()
     if lib.gemv_integer_paths():  # both kernels sum the same int16 x int8 products exactly in integers
         torch.testing.assert_close(out, cpu_gemv.int8_gemv(x, weight, scales, lib), rtol=1e-6, atol=0)
-
-
-@needs_kernels
-@pytest.mark.parametrize("target, in_integers", TARGETS)
-def test_blocked_int8_sums_do_not_overflow(target, in_integers):
-    """2^15 columns of the largest weights and activations: an int32 lane would pass 2^31 without its flushes."""
-    lib = _library(target)
-    in_features = 1 << 15
-    weight = torch.full((3, in_features), 127, dtype=torch.int8)
-    weight[1] = -127
-    out = cpu_gemv.int8_blocked_gemv(torch.ones(1, in_features), cpu_gemv.block_int8(weight, lib),
-                                     torch.tensor([1.0, 0.5, 2.0]), 3, lib)
-    torch.testing.assert_close(out[0], torch.tensor([127.0, -63.5, 254.0]) * in_features, rtol=1e-6, atol=0)
 
 
 def test_blocked_int8_layout_takes_int8_matrices_only():
