@@ -8,10 +8,10 @@ each step then costs one call: embedding, blocks, final norm and logits, activat
 Build it with `prepare_cpu_decode(model)` after the model is final (loaded, quantized, packed): it keeps references to
 the weights it read, so a later `.to()` or quantization is not seen. `glm.generate.decode_one_token` uses it whenever
 the rows, device and cache allow, and the eager path otherwise. It reads float32 and bfloat16 linears (plain or
-`PackedLinear` with its plain weight), INT8 linears on the "auto" or "gemv" backend or blocked (`BlockedInt8Linear`),
-and INT4 linears in torch's CPU tile layout where the kernels are the AVX2 build (activations rounded to int8 per
-group, as llama.cpp's Q8 blocks); a model with any other layer (tensor-parallel shards, a forced kernel) gets no
-decoder and keeps the eager path.
+`PackedLinear` with its plain weight), INT8 linears on the "auto" or "gemv" backend, INT4 linears in torch's CPU tile
+layout where the kernels are the AVX2 build (activations rounded to int8 per group, as llama.cpp's Q8 blocks), and
+both in the blocked layouts of `glm/cpu_linears.py`; a model with any other layer (tensor-parallel shards, a forced
+kernel) gets no decoder and keeps the eager path.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MAX_ROWS = 4  # quantized models, and bfloat16 ones where the kernels multiply i
 # decode batches on the eager path. `multimodal bench quant --threads 1 --batch-size 2|4 --decode-step c|eager`
 # (tok/s, this Zen 5): bfloat16 154.8 / 69.7 at 2 rows, 174.0 / 176.3 at 4; INT8 188.2 / 133.6 and 190.6 / 158.7;
 # INT4 256.5 / 126.4 and 269.4 / 190.1.
-KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4, KIND_BF16_BLOCKED, KIND_INT8_BLOCKED = 0, 1, 2, 3, 4, 5
+KIND_INT8, KIND_BF16, KIND_F32, KIND_INT4, KIND_BF16_BLOCKED, KIND_INT8_BLOCKED, KIND_INT4_BLOCKED = range(7)
 
 
 class _Linear(ctypes.Structure):
@@ -100,7 +100,8 @@ class CpuDecoder:
         linears = [self.decoder.output] + [getattr(block, name) for block in self.blocks
                                            for name in ("qkv", "dense", "gate_up", "down")]
         limits = {KIND_F32: 1, KIND_BF16: MAX_ROWS if self.bf16_rows >= MAX_ROWS else 1, KIND_INT8: MAX_ROWS,
-                  KIND_INT4: MAX_ROWS, KIND_BF16_BLOCKED: cpu_gemv.BLOCKED_ROWS, KIND_INT8_BLOCKED: MAX_ROWS}
+                  KIND_INT4: MAX_ROWS, KIND_BF16_BLOCKED: cpu_gemv.BLOCKED_ROWS, KIND_INT8_BLOCKED: MAX_ROWS,
+                  KIND_INT4_BLOCKED: MAX_ROWS}
         self.max_rows = min(limits[linear.kind] for linear in linears)
         self._cache_key: tuple | None = None
 
@@ -115,7 +116,8 @@ class CpuDecoder:
         return self._pointer(tensor.to(torch.float32).contiguous())
 
     def _linear(self, module: nn.Module) -> _Linear:
-        from glm.generate import BlockedInt8Linear, PackedLinear
+        from glm.cpu_linears import BlockedInt4Linear, BlockedInt8Linear
+        from glm.generate import PackedLinear
         from kernels.dispatch import CPU_TILED
         from kernels.int4 import cpu_int4pack_block, cpu_int4pack_supported
         from multimodal.quantize import Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -128,6 +130,9 @@ class CpuDecoder:
         if isinstance(module, BlockedInt8Linear):
             return _Linear(self._pointer(module.blocked), self._pointer(module.scales), bias, KIND_INT8_BLOCKED,
                            module.out_features, module.in_features, module.in_features)
+        if isinstance(module, BlockedInt4Linear):
+            return _Linear(self._pointer(module.blocked), None, bias, KIND_INT4_BLOCKED, module.out_features,
+                           module.in_features, module.in_features, module.group_size)
         if type(module) is nn.Linear or isinstance(module, PackedLinear):
             weight = module.weight if type(module) is nn.Linear else module.plain
             if weight is None or not weight.is_cpu or weight.dtype not in (torch.float32, torch.bfloat16):

@@ -63,40 +63,11 @@ class PackedLinear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class BlockedInt8Linear(nn.Module):
-    """Inference-only CPU linear for the int8 weights of an `Int8WeightOnlyLinear`, reordered once into the blocked
-    layout of `kernels/csrc/int8_blocked.c` and held once (the row-major copy is dropped), for any number of rows.
-
-    Where the CPU multiplies int8 blocks with AVX512_VNNI, that kernel streams int8 weights about as fast as the
-    blocked bfloat16 kernel streams its own, where the row-major one reached about three quarters of it (`multimodal
-    bench quant --threads 1`, README). Activations are rounded per row to int16 as on the module's own gemv path, so
-    results differ from it only by the float rounding of the sums.
-    """
-
-    def __init__(self, linear: nn.Module):
-        super().__init__()
-        from kernels import cpu_gemv
-
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()[:, : linear.in_features]  # without the fused kernel's zero columns
-        self.blocked = cpu_gemv.block_int8(weight)  # [N / 16, K2 / 2, 16, 2]
-        self.scales = linear.scales.detach().to(torch.float32).contiguous()  # [N]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels import cpu_gemv
-
-        rows = x.reshape(-1, self.in_features)  # [M, K]
-        out = cpu_gemv.int8_blocked_gemv(rows, self.blocked, self.scales, self.out_features).to(x.dtype)  # [M, N]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
 def pack_for_cpu(model: nn.Module, decode_kernel: bool = True) -> nn.Module:
     """Swap every float32 or bfloat16 CPU `nn.Linear` for a `PackedLinear`, and where the CPU has AVX512_VNNI every
-    CPU `Int8WeightOnlyLinear` on the "auto" backend for a `BlockedInt8Linear` (in place; inference only, not
-    saveable); `decode_kernel=False` keeps single float rows on oneDNN and int8 layers as they are.
+    CPU INT8 and INT4 layer on the "auto" backend for its blocked twin (`glm.cpu_linears.block_for_cpu`; in place,
+    inference only, not saveable); `decode_kernel=False` keeps single float rows on oneDNN and quantized layers as
+    they are.
 
     Float layers stay as they are where oneDNN is unavailable; apply it after quantization or TP passes, never before.
     """
@@ -106,22 +77,11 @@ def pack_for_cpu(model: nn.Module, decode_kernel: bool = True) -> nn.Module:
                 if (isinstance(child, nn.Linear) and child.weight.dtype in (torch.float32, torch.bfloat16)
                         and child.weight.is_cpu):
                     setattr(module, name, PackedLinear(child, decode_kernel))
-    return block_int8_for_cpu(model) if decode_kernel else model
-
-
-def block_int8_for_cpu(model: nn.Module) -> nn.Module:
-    """Where the CPU has AVX512_VNNI, swap every CPU `Int8WeightOnlyLinear` on the "auto" backend for a
-    `BlockedInt8Linear` (in place; inference only, not saveable); elsewhere leave the model as it is."""
-    from kernels import cpu_gemv
-    from multimodal.quantize import Int8WeightOnlyLinear
-
-    if not cpu_gemv.int8_blocked_available():
+    if not decode_kernel:
         return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is Int8WeightOnlyLinear and child.backend == "auto" and child.weight.is_cpu:
-                setattr(module, name, BlockedInt8Linear(child))
-    return model
+    from glm.cpu_linears import block_for_cpu
+
+    return block_for_cpu(model)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("gemv.c", "bf16_blocked.c", "int8_blocked.c", "decode.c"))
+                for name in ("gemv.c", "bf16_blocked.c", "int8_blocked.c", "int4_blocked.c", "decode.c"))
 HEADERS = (Path(__file__).parent / "csrc" / "bf16.h",)  # part of the cache key, not of the command line
 NATIVE = "native"
 BLOCKED_ROWS = 8  # rows up to which the blocked bfloat16 kernel runs (`PackedLinear.blocked`); oneDNN's matmul above
@@ -67,7 +67,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gemv_int8_blocked.argtypes = [pointer, pointer, pointer, pointer, size, size, size, ctypes.c_int]
     lib.gemv_int8_blocked.restype = ctypes.c_int
     lib.gemv_int8_block.restype = ctypes.c_int
-    lib.gemv_int8_blocked_vnni.restype = ctypes.c_int
+    lib.gemv_vnni_blocks.restype = ctypes.c_int
+    lib.gemv_int4_blocked.argtypes = [pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
+    lib.gemv_int4_blocked.restype = ctypes.c_int
+    lib.gemv_int4_block.restype = ctypes.c_int
     lib.gemv_int4_tiled.argtypes = [pointer, flag, pointer, pointer, pointer, size, size, size, size, ctypes.c_int]
     lib.gemv_int4_tiled.restype = ctypes.c_int
     lib.gemv_integer_paths.restype = ctypes.c_int
@@ -192,10 +195,10 @@ def bf16_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, out_features: int,
     return out
 
 
-def int8_blocked_available(lib: ctypes.CDLL | None = None) -> bool:
-    """Whether this CPU's build multiplies int8 blocks with AVX512_VNNI, where the blocked layout pays."""
+def vnni_blocks_available(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether this CPU's build multiplies int8 and int4 blocks with AVX512_VNNI, where the blocked layouts pay."""
     lib = lib or library()
-    return lib is not None and lib.gemv_int8_blocked_vnni() > 0
+    return lib is not None and lib.gemv_vnni_blocks() > 0
 
 
 def block_int8(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
@@ -229,6 +232,72 @@ def int8_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tens
     if lib.gemv_int8_blocked(rows.data_ptr(), blocked.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
                              out_features, rows.shape[1], torch.get_num_threads()) != 0:
         raise MemoryError("The int8 decode kernel could not allocate its buffers.")
+    return out
+
+
+def block_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+               lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A canonical int4 weight (uint8 [N, K / 2], scales and zeros [K / G, N, 2]) in the blocked layout of
+    `kernels/csrc/int4_blocked.c`: uint8 [ceil(N / B), K / G, 8 G + 64], one record per block of B rows and group:
+    G / 8 chunks of B rows x 4 bytes (columns 8j + t in the low nibbles, 8j + 4 + t in the high), then the group's
+    bfloat16 scales and zeros of the block; the rows past N zeros."""
+    from kernels.int4 import unpack_int4
+
+    block = (lib or library()).gemv_int4_block()
+    rows, columns = packed.shape[0], packed.shape[1] * 2
+    if group_size % 8 or columns % group_size:
+        raise ValueError(f"The blocked int4 layout takes groups of a multiple of 8 columns that divide the "
+                         f"{columns} columns, not {group_size}.")
+    blocks, groups = -(-rows // block), columns // group_size
+    values = torch.zeros(blocks * block, columns, dtype=torch.uint8)
+    values[:rows] = unpack_int4(packed)
+    values = values.view(blocks, block, groups, group_size // 8, 2, 4)  # column = 8j + 4h + t
+    nibbles = (values[..., 0, :] | values[..., 1, :] << 4).permute(0, 2, 3, 1, 4)  # [blocks, groups, G / 8, B, 4]
+    table = torch.zeros(groups, blocks * block, 2, dtype=torch.bfloat16)
+    table[:, :rows] = scales_and_zeros.to(torch.bfloat16)
+    table = table.view(groups, blocks, block, 2).permute(1, 0, 3, 2).contiguous()  # [blocks, groups, 2, B]
+    return torch.cat([nibbles.reshape(blocks, groups, -1), table.view(torch.uint8).reshape(blocks, groups, -1)],
+                     dim=-1).contiguous()  # [blocks, groups, 8 G + 64]
+
+
+def unblock_int4(blocked: torch.Tensor, out_features: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical (packed uint8 [N, K / 2], bfloat16 scales and zeros [K / G, N, 2]) back from `block_int4`."""
+    from kernels.int4 import pack_int4
+
+    blocks, groups, record = blocked.shape
+    block = (record - 8 * group_size) // 4  # the scales and zeros: 2 x B bfloat16 values
+    nibbles = blocked[..., : 8 * group_size].reshape(blocks, groups, group_size // 8, block, 4)
+    values = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-2)  # [blocks, groups, G / 8, B, 2, 4]
+    values = values.permute(0, 3, 1, 2, 4, 5).reshape(blocks * block, groups * group_size)[:out_features]
+    table = blocked[..., 8 * group_size:].contiguous().view(torch.bfloat16).view(blocks, groups, 2, block)
+    table = table.permute(1, 0, 3, 2).reshape(groups, blocks * block, 2)[:, :out_features]
+    return pack_int4(values), table.contiguous()
+
+
+def dequantize_int4_blocked(blocked: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
+    """The bfloat16 weight [N, K] of a blocked int4 weight (`block_int4`), w = (q - 8) * scale + zero."""
+    blocks, groups, record = blocked.shape
+    block = (record - 8 * group_size) // 4
+    nibbles = blocked[..., : 8 * group_size].reshape(blocks, groups, group_size // 8, block, 4)
+    values = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-2).float()  # [blocks, groups, G / 8, B, 2, 4]
+    table = blocked[..., 8 * group_size:].contiguous().view(torch.bfloat16).view(blocks, groups, 2, block).float()
+    scale = table[:, :, 0, None, :, None, None]  # [blocks, groups, 1, B, 1, 1]
+    weight = values * scale + (table[:, :, 1, None, :, None, None] - 8 * scale)
+    weight = weight.permute(0, 3, 1, 2, 4, 5).reshape(blocks * block, groups * group_size)[:out_features]
+    return weight.to(torch.bfloat16)
+
+
+def int4_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, out_features: int, group_size: int,
+                      lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [M, K] float @ the blocked int4 weight (`block_int4`) -> [M, N] float32, each activation row rounded to
+    int8 per group as `int4_gemv` rounds it; meant for a few rows."""
+    lib = lib or library()
+    rows = _rows(x)  # [M, K]
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)  # [M, N]
+    if lib.gemv_int4_blocked(rows.data_ptr(), blocked.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
+                             rows.shape[1], group_size, torch.get_num_threads()) != 0:
+        raise ValueError(f"The blocked int4 kernel does not take groups of {group_size} of {rows.shape[1]} columns "
+                         f"(or could not allocate its buffers).")
     return out
 
 

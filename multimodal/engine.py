@@ -399,14 +399,14 @@ class _Loading:
         self.spec = QuantSpec(self.quant, self.group_size, self.exclude)
 
     def decode_ready(self, model):
-        """The model, with its INT8 layers in the blocked layout where the CPU has AVX512_VNNI
-        (`glm.generate.BlockedInt8Linear`) and each CPU decode step of up to 4 rows in one C call where its layers
-        allow (`glm/cpu_decode.py`); not for tensor-parallel shards."""
+        """The model, with its INT8 and INT4 layers in the blocked layouts where the CPU has AVX512_VNNI
+        (`glm/cpu_linears.py`) and each CPU decode step of up to 4 rows in one C call where its layers allow
+        (`glm/cpu_decode.py`); not for tensor-parallel shards."""
         if self.world == 1 and self.device.type == "cpu":
             from glm.cpu_decode import prepare_cpu_decode
-            from glm.generate import block_int8_for_cpu
+            from glm.cpu_linears import block_for_cpu
 
-            prepare_cpu_decode(block_int8_for_cpu(model))
+            prepare_cpu_decode(block_for_cpu(model))
         return model
 
     def quantize_shard(self, linear: torch.nn.Linear, name: str) -> torch.nn.Module:

@@ -8,7 +8,14 @@ import zlib
 import pytest
 import torch
 
-from glm.cpu_decode import MAX_ROWS, CpuDecoder, Unsupported, prepare_cpu_decode
+from glm.cpu_decode import (
+    KIND_INT4_BLOCKED,
+    KIND_INT8_BLOCKED,
+    MAX_ROWS,
+    CpuDecoder,
+    Unsupported,
+    prepare_cpu_decode,
+)
 from glm.model import GLMConfig, GLMModel
 from kernels import cpu_gemv
 from kernels.int4 import dequantize_int4
@@ -103,22 +110,32 @@ def test_packed_bfloat16_step_matches_float64_model_for_up_to_eight_rows(target)
 
 
 @pytest.mark.parametrize("target", [target for target, _ in TARGETS])
-@pytest.mark.parametrize("preset, dtype, tolerance", [("tiny", torch.float32, 4e-4),
-                                                      ("tiny-glm4", torch.bfloat16, 2e-2)])
-def test_blocked_int8_step_matches_float64_model(target, preset, dtype, tolerance):
-    """INT8 linears in the blocked layout (`BlockedInt8Linear`, which `pack_for_cpu` makes where the CPU has
-    AVX512_VNNI), swapped in here on every build, whose step reads them (the others through the portable loop)."""
-    seed = zlib.crc32(f"blocked int8 {target} {preset}".encode())
-    model = _model(preset, dtype, seed, "int8")
+@pytest.mark.parametrize("preset, dtype, quant, tolerance", [
+    ("tiny", torch.float32, "int8", 4e-4), ("tiny-glm4", torch.bfloat16, "int8", 2e-2),
+    ("tiny-glm4", torch.float32, "int4", 8e-2), ("tiny", torch.bfloat16, "int4", 8e-2),  # as the tiled kernel's
+])
+def test_blocked_quantized_step_matches_float64_model(target, preset, dtype, quant, tolerance):
+    """INT8 and INT4 linears in the blocked layouts (`glm/cpu_linears.py`, which `block_for_cpu` makes where the CPU
+    has AVX512_VNNI), swapped in here on every build, whose step reads them (the others through the portable loop)."""
+    seed = zlib.crc32(f"blocked {quant} {target} {preset}".encode())
+    model = _model(preset, dtype, seed, quant)
     twin = _float64_twin(model)
+    _swap_for_blocked(model)
+    decoder = CpuDecoder(model, _library(target))
+    assert decoder.blocks[0].qkv.kind == (KIND_INT8_BLOCKED if quant == "int8" else KIND_INT4_BLOCKED)
+    for rows in (1, 3):
+        assert _one_step_error(model, twin, decoder, rows, seed) <= tolerance
+
+
+def _swap_for_blocked(model: GLMModel) -> None:
+    from glm.cpu_linears import BlockedInt4Linear, BlockedInt8Linear
+
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, Int8WeightOnlyLinear):
-                setattr(module, name, generate_module.BlockedInt8Linear(child))
-    decoder = CpuDecoder(model, _library(target))
-    assert decoder.max_rows == MAX_ROWS
-    for rows in (1, 3):
-        assert _one_step_error(model, twin, decoder, rows, seed) <= tolerance
+                setattr(module, name, BlockedInt8Linear(child))
+            elif isinstance(child, Int4WeightOnlyLinear):
+                setattr(module, name, BlockedInt4Linear(child))
 
 
 def _one_step_error(model: GLMModel, twin: GLMModel, decoder: CpuDecoder, rows: int, seed: int) -> float:

@@ -221,7 +221,7 @@ def test_blocked_layout_takes_bfloat16_with_even_columns_only():
 def test_blocked_int8_kernel_matches_float64_within_its_rounding(target, in_integers, rows, out_features, in_features):
     lib = _library(target)
     if target != "native":  # the explicit targets lack AVX512_VNNI: the portable loop reads the same layout
-        assert lib.gemv_int8_blocked_vnni() == 0
+        assert lib.gemv_vnni_blocks() == 0
     generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     weight = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
     scales = torch.rand(out_features, generator=generator) * 0.01
@@ -249,3 +249,35 @@ def test_blocked_int8_layout_takes_int8_matrices_only():
         cpu_gemv.block_int8(torch.ones(4, 3))
     with pytest.raises(ValueError, match="int8 matrix"):
         cpu_gemv.block_int8(torch.ones(4, dtype=torch.int8))
+
+
+@needs_kernels
+@pytest.mark.parametrize("target, in_integers", TARGETS)
+@pytest.mark.parametrize("rows, out_features, in_features, group_size", [
+    (1, 64, 64, 32),  # one row, whole blocks
+    (3, 37, 128, 64),  # a partial last block
+    (5, 80, 256, 128),  # a second pass of rows (four per pass)
+    (2, 20, 64, 8),  # the smallest group: one chunk per record
+])
+def test_blocked_int4_kernel_matches_float64_within_its_rounding(target, in_integers, rows, out_features, in_features,
+                                                                 group_size):
+    lib = _library(target)
+    generator = torch.Generator().manual_seed(rows + out_features + in_features)
+    values = torch.randint(0, 16, (out_features, in_features), generator=generator)
+    scales_and_zeros = (torch.randn(in_features // group_size, out_features, 2, generator=generator) * 0.05).bfloat16()
+    blocked = cpu_gemv.block_int4(pack_int4(values), scales_and_zeros, group_size, lib)
+    assert blocked.shape == (-(-out_features // 16), in_features // group_size, 8 * group_size + 64)
+    packed, table = cpu_gemv.unblock_int4(blocked, out_features, group_size)
+    assert torch.equal(packed, pack_int4(values)) and torch.equal(table, scales_and_zeros)
+    x = torch.randn(rows, in_features, generator=generator)
+    out = cpu_gemv.int4_blocked_gemv(x, blocked, out_features, group_size, lib)  # [M, N]
+    # Exact but for float32 sums once x is rounded to int8 per group, as the kernel rounds it (in float32).
+    grouped = x.view(rows, -1, group_size)
+    step = grouped.abs().amax(-1, keepdim=True) / 127
+    rounded = ((grouped / step).round().double() * step.double()).view(rows, -1)
+    scale, zero = (part.double().T.repeat_interleave(group_size, 1) for part in scales_and_zeros.unbind(-1))  # [N, K]
+    expected = rounded @ (values * scale).T + x.double() @ (zero - 8 * scale).T
+    terms = rounded.abs() @ (values * scale).abs().T + x.double().abs() @ (zero - 8 * scale).abs().T
+    assert out.shape == (rows, out_features) and ((out.double() - expected).abs() <= 1e-5 * terms).all()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu_gemv.block_int4(pack_int4(values), scales_and_zeros, 12, lib)

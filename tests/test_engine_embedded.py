@@ -56,7 +56,7 @@ def test_int8_answers_stay_above_the_floors():
 
 
 def test_int8_layers_take_the_blocked_layout_where_the_cpu_has_vnni_with_the_same_answers(monkeypatch):
-    from glm.generate import BlockedInt8Linear
+    from glm.cpu_linears import BlockedInt8Linear
     from kernels import cpu_gemv
     from multimodal.quantize import Int8WeightOnlyLinear
 
@@ -64,7 +64,7 @@ def test_int8_layers_take_the_blocked_layout_where_the_cpu_has_vnni_with_the_sam
         pytest.skip("no C compiler builds the decode kernels here")
     answers, kinds = {}, {}
     for blocked in (False, True):  # where the CPU lacks AVX512_VNNI the blocked layout runs its portable loop
-        monkeypatch.setattr(cpu_gemv, "int8_blocked_available", lambda lib=None, blocked=blocked: blocked)
+        monkeypatch.setattr(cpu_gemv, "vnni_blocks_available", lambda lib=None, blocked=blocked: blocked)
         int8 = Engine.load(quant="int8")
         kinds[blocked] = {type(m) for m in int8.chat_model.model.modules()} & {BlockedInt8Linear, Int8WeightOnlyLinear}
         image = int8.scene(2_000_011)

@@ -14,7 +14,6 @@ from transformers.generation.logits_process import (
 
 from glm.convert import HF_TABLE
 from glm.generate import (
-    BlockedInt8Linear,
     PackedLinear,
     SamplingConfig,
     generate,
@@ -191,39 +190,6 @@ def test_packed_cpu_linears_match_plain_model():
         expected = bf16(ids).float()
         error = (packed_bf16(ids).float() - expected).norm() / expected.norm()
     assert error < 1e-2
-
-
-def test_blocked_int8_linears_match_the_int8_module_where_the_cpu_has_vnni(monkeypatch):
-    import copy
-
-    from kernels import cpu_gemv
-    from multimodal.quantize import Int8WeightOnlyLinear, QuantSpec, quantize_model, set_backend
-
-    model = quantize_model(tiny_model(seed=8), QuantSpec("int8"))  # tiny's 88-wide layers are padded to 96 columns
-    layers = [m for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)]
-    assert layers and any(m.padded for m in layers)
-    monkeypatch.setattr(cpu_gemv, "int8_blocked_available", lambda lib=None: True)  # on every CPU: portable loop
-    packed = pack_for_cpu(copy.deepcopy(model))
-    blocked = [m for m in packed.modules() if isinstance(m, BlockedInt8Linear)]
-    assert len(blocked) == len(layers) and not any(isinstance(m, Int8WeightOnlyLinear) for m in packed.modules())
-    for layer, twin in zip(layers, blocked):
-        assert twin.blocked.numel() < 1.5 * layer.weight.numel() + 32 * 16  # the weight held once, in blocks
-        for rows in (1, 3, 20):  # decode rows and a prefill's
-            x = torch.randn(rows, layer.in_features)
-            with torch.no_grad():
-                expected = set_backend(copy.deepcopy(layer), "gemv")(x)  # the row-major kernel, same rounding
-                torch.testing.assert_close(twin(x), expected, rtol=1e-5, atol=1e-5)
-    prompts = random_prompts([7, 3], seed=9)
-    config = SamplingConfig(max_new_tokens=8)
-    assert generate(packed, prompts, config) == generate(model, prompts, config)
-    # kept as they are: without the layout's CPU, without the decode kernels, on a forced backend
-    monkeypatch.setattr(cpu_gemv, "int8_blocked_available", lambda lib=None: False)
-    assert not any(isinstance(m, BlockedInt8Linear) for m in pack_for_cpu(copy.deepcopy(model)).modules())
-    monkeypatch.setattr(cpu_gemv, "int8_blocked_available", lambda lib=None: True)
-    assert not any(isinstance(m, BlockedInt8Linear)
-                   for m in pack_for_cpu(copy.deepcopy(model), decode_kernel=False).modules())
-    forced = set_backend(copy.deepcopy(model), "cpu")
-    assert not any(isinstance(m, BlockedInt8Linear) for m in pack_for_cpu(forced).modules())
 
 
 def test_bench_glm_runs_and_prints_ratios(capsys):

@@ -24,14 +24,17 @@ void gemv_f32(const float *x, const float *w, float *y, int64_t M, int64_t N, in
 int gemv_bf16_blocked(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads);
 int gemv_int8_blocked(const float *x, const int8_t *w, const float *scale, float *y, int64_t M, int64_t N, int64_t K,
                       int threads);
+int gemv_int4_blocked(const float *x, const uint8_t *w, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                      int threads);
 int gemv_int4_tiled(const void *x_values, int x_bf16, const uint8_t *packed, const uint16_t *scales_and_zeros,
                     float *y, int64_t N, int64_t K, int64_t G, int64_t block, int threads);
 
-enum { KIND_INT8 = 0, KIND_BF16 = 1, KIND_F32 = 2, KIND_INT4 = 3, KIND_BF16_BLOCKED = 4, KIND_INT8_BLOCKED = 5 };
+enum { KIND_INT8 = 0, KIND_BF16 = 1, KIND_F32 = 2, KIND_INT4 = 3, KIND_BF16_BLOCKED = 4, KIND_INT8_BLOCKED = 5,
+       KIND_INT4_BLOCKED = 6 };
 
 typedef struct {
     const void *weight;   /* [N, stride]: int8, bfloat16 bits or float32; int4: torch's CPU tiles [N, K / 2];
-                             bfloat16 and int8 blocked: the layouts of bf16_blocked.c and int8_blocked.c */
+                             blocked: the layouts of bf16_blocked.c, int8_blocked.c and int4_blocked.c */
     const void *scales;   /* int8: float32 [N]; int4: bfloat16 scales and zeros [K / G, N, 2] */
     const float *bias;    /* [N] or NULL */
     int64_t kind, out_features, in_features, stride; /* stride >= in_features: int8 rows padded with zeros */
@@ -101,6 +104,8 @@ static int linear(const Linear *l, const float *x, float *y, int64_t M, float *p
         for (int64_t m = 0; m < M; m++)
             if (gemv_int4_tiled(x + m * K, 0, l->weight, l->scales, y + m * N, N, K, l->group_size, l->block, threads))
                 return -1;
+    } else if (l->kind == KIND_INT4_BLOCKED) {
+        if (gemv_int4_blocked(x, l->weight, y, M, N, K, l->group_size, threads) != 0) return -1;
     } else if (l->kind == KIND_INT8_BLOCKED) {
         if (gemv_int8_blocked(x, l->weight, l->scales, y, M, N, K, threads) != 0) return -1;
     } else if (l->kind == KIND_BF16_BLOCKED) {

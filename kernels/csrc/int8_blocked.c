@@ -114,7 +114,7 @@ static void pass_rows(const int16_t *q, const float *q_scales, const int8_t *w, 
     }
 }
 
-int gemv_int8_blocked_vnni(void) { return 1; }
+int gemv_vnni_blocks(void) { return 1; }
 #else
 /* The same sums one product at a time, exact in 64-bit integers. */
 static void pass_rows(const int16_t *q, const float *q_scales, const int8_t *w, const float *scale, float *y,
@@ -128,7 +128,7 @@ static void pass_rows(const int16_t *q, const float *q_scales, const int8_t *w, 
         }
 }
 
-int gemv_int8_blocked_vnni(void) { return 0; }
+int gemv_vnni_blocks(void) { return 0; }
 #endif
 
 /* x float32 [M, K]; w int8 in the blocked layout above; scale float32 [N]; y float32 [M, N]. Returns 0, or -1 when a

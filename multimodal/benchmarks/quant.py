@@ -4,10 +4,10 @@ All three variants are the same random-weight model: the float one in `--dtype` 
 prepacked for oneDNN and single rows on the decode kernel, `glm.generate.pack_for_cpu`, our float path there), the
 others quantized from it with the output layer included (unless `--exclude` says otherwise) and run with `--dtype`
 activations on the default kernel path (`kernels.dispatch`: on the CPU the decode kernel for up to four rows and
-torch's fused kernels or the planes path above; Triton on CUDA), INT8 on the CPU in the blocked layout of
-`glm.generate.BlockedInt8Linear` where the CPU has AVX512_VNNI. `--float-kernel onednn`, `--int8-kernel gemv` (the
-row-major decode kernel), `--int8-kernel cpu` and `--int4-kernel cpu` give the other paths, for a comparison in one
-run. Reported per variant:
+torch's fused kernels or the planes path above; Triton on CUDA), INT8 and INT4 on the CPU in the blocked layouts of
+`glm/cpu_linears.py` where the CPU has AVX512_VNNI. `--float-kernel onednn`, `--int8-kernel gemv` (the row-major
+decode kernel), `--int8-kernel cpu`, `--int4-kernel tiled` (the decode kernel on torch's tiles) and `--int4-kernel
+cpu` give the other paths, for a comparison in one run. Reported per variant:
 - weights MB: every tensor of the state dict;
 - read/token MB: what one decode step reads, the embedding table counted as one row (a lookup reads one row);
 - decode tok/s: B * (new - 1) / (time of a `--new-tokens` generation - time of a 1-token one), best of `--repeats`,
@@ -52,8 +52,10 @@ def register(subparsers) -> None:
     parser.add_argument("--int8-kernel", default="auto", choices=("auto", "cpu", "gemv", "planes", "dequantized",
                                                                   "reference", "triton"),
                         help="the int8 variant's kernel path (kernels.dispatch; cpu: the fused kernel at every batch)")
-    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "cpu", "dequantized", "reference", "triton"),
-                        help="the int4 variant's kernel path (cpu: the fused kernel at every batch)")
+    parser.add_argument("--int4-kernel", default="auto",
+                        choices=("auto", "tiled", "cpu", "dequantized", "reference", "triton"),
+                        help="the int4 variant's kernel path (auto: blocked where the CPU has AVX512_VNNI; tiled: the "
+                             "decode kernel on torch's tiles; cpu: the fused kernel at every batch)")
     add_decode_step_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="size of the bandwidth measurement's read")
@@ -119,6 +121,7 @@ def tokens_per_second(models: dict[str, GLMModel], prompts: list[list[int]], new
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from glm.cpu_linears import block_for_cpu
     from glm.generate import pack_for_cpu
     from glm.model import GLMConfig, GLMModel, param_count
     from multimodal.benchmarks._bandwidth import floor_columns, read_bandwidth
@@ -154,12 +157,13 @@ def run(args: argparse.Namespace) -> int:
     models = {name: float_model if spec is None else quantize_model(copy.deepcopy(float_model), spec)
               for name, spec in variants}
     set_backend(models["int8"], args.int8_kernel)
-    set_backend(models[int4_name], args.int4_kernel)
+    set_backend(models[int4_name], "auto" if args.int4_kernel == "tiled" else args.int4_kernel)  # tiled: not blocked
     sizes = {name: weight_bytes(model) for name, model in models.items()}  # packed weights leave the state dict
     if args.device == "cpu":  # the float model runs our CPU float path: linears prepacked for oneDNN
         models["float"] = pack_for_cpu(copy.deepcopy(float_model), decode_kernel=args.float_kernel == "auto")
-        if args.int8_kernel == "auto":  # and INT8 ours: blocked where the CPU has AVX512_VNNI
-            models["int8"] = pack_for_cpu(models["int8"])
+        for name, kernel in (("int8", args.int8_kernel), (int4_name, args.int4_kernel)):
+            if kernel == "auto":  # and the quantized ones ours: blocked where the CPU has AVX512_VNNI
+                models[name] = block_for_cpu(models[name])
     prepare_decode_steps(models, args)
     speeds = tokens_per_second(models, prompts.tolist(), args.new_tokens, args.repeats)
     with torch.inference_mode():
