@@ -1,4 +1,5 @@
-"""Decode-time matrix-vector products on the CPU (`kernels/csrc/gemv.c`), built on first use with the C compiler,
+"""Decode-time matrix-vector products on the CPU (`kernels/csrc/gemv.c`, and for weights reordered into blocks of 16
+output rows `bf16_blocked.c`, `int8_blocked.c` and `int4_blocked.c`), built on first use with the C compiler,
 together with the whole decode step that calls them (`kernels/csrc/decode.c`, driven by `glm/cpu_decode.py`).
 
 At batch 1 every decode step reads each weight once, and torch's CPU kernels read them at a fraction of the memory
