@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -31,14 +31,29 @@
 int gemv_int8_block(void) { return BLOCK; }
 
 /* Round each activation row to int16 into [M, K2] (K2 = K rounded up to even, the last column zero where K is odd):
- * x[m, :] = scales[m] * q[m, :], rounded to nearest even as lrintf. */
+ * x[m, :] = scales[m] * q[m, :], x / scale rounded to nearest even as lrintf (16 columns at a time with AVX-512: a
+ * scalar loop cost as much as a small layer's weights). */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t K2, int16_t *q, float *scales) {
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         float largest = 0.0f;
-        for (int64_t k = 0; k < K; k++) largest = fmaxf(largest, fabsf(row[k]));
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        __m512 widest = _mm512_setzero_ps();
+        for (; k + 16 <= K; k += 16) widest = _mm512_max_ps(widest, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        largest = _mm512_reduce_max_ps(widest);
+#endif
+        for (; k < K; k++) largest = fmaxf(largest, fabsf(row[k]));
         const float scale = largest > 0.0f ? largest / Q_MAX : 1.0f;
-        for (int64_t k = 0; k < K; k++) q[m * K2 + k] = (int16_t)lrintf(row[k] / scale);
+        k = 0;
+#if defined(__AVX512F__)
+        const __m512 divisor = _mm512_set1_ps(scale);
+        for (; k + 16 <= K; k += 16) {
+            const __m512i rounded = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(row + k), divisor));
+            _mm256_storeu_si256((__m256i *)(q + m * K2 + k), _mm512_cvtsepi32_epi16(rounded));
+        }
+#endif
+        for (; k < K; k++) q[m * K2 + k] = (int16_t)lrintf(row[k] / scale);
         if (K2 > K) q[m * K2 + K] = 0;
         scales[m] = scale;
     }
@@ -68,9 +83,9 @@ INLINE void block_rows(const int16_t *q, const float *q_scales, const int8_t *w,
     int64_t p = 0;
     int steps = 0;
     for (; p + 2 <= pairs; p += 2) {
-        const __m512i both = _mm512_loadu_si512(block + p * 2 * BLOCK); /* pairs p and p + 1: 64 bytes */
-        const __m512i even = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(both));
-        const __m512i odd = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(both, 1));
+        const int8_t *pair = block + p * 2 * BLOCK; /* pairs p and p + 1: 64 bytes, widened as they load */
+        const __m512i even = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)pair));
+        const __m512i odd = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(pair + 2 * BLOCK)));
 #pragma GCC unroll 8
         for (int r = 0; r < rows; r++) {
             acc[r][0] = _mm512_dpwssd_epi32(acc[r][0], even, pair_of(q + r * K2, p));
