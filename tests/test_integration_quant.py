@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffusion.pipeline import RelayPipeline
 from diffusion.text_encoder import GLMTextEncoder
+from glm.cpu_linears import BlockedInt4Linear, BlockedInt8Linear, block_for_cpu
 from multimodal.cli import main
 from multimodal.engine import Engine, Sampling
 from multimodal.quantize import QUANTIZED_LINEARS, Int4WeightOnlyLinear, QuantSpec, quantize_model
@@ -55,9 +56,12 @@ def random_image(seed: int, size=(40, 30)) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
+QUANTIZED = QUANTIZED_LINEARS + (BlockedInt8Linear, BlockedInt4Linear)  # the engine blocks them on VNNI CPUs
+
+
 def quantized_twin(engine: Engine, spec: QuantSpec) -> Engine:
     """The engine's float models quantized in memory: what every loader must reproduce."""
-    model = quantize_model(copy.deepcopy(engine.chat_model.model), spec)
+    model = block_for_cpu(quantize_model(copy.deepcopy(engine.chat_model.model), spec))  # as the engine loads it
     tokenizer = engine.chat_model.tokenizer
     painter = engine.painter
     base, relay = (quantize_model(copy.deepcopy(m), spec) for m in (painter.base, painter.relay))
@@ -79,7 +83,7 @@ def test_a_checkpoint_from_multimodal_quantize_loads_through_the_engine_and_grou
     shutil.copytree(suite / "diffusion", quantized / "diffusion")
     loaded = Engine.load(quantized)
     twin = quantized_twin(engine, QuantSpec("int8"))
-    assert sum(isinstance(m, QUANTIZED_LINEARS) for m in loaded.chat_model.model.modules()) > 10
+    assert sum(isinstance(m, QUANTIZED) for m in loaded.chat_model.model.modules()) > 10
     assert torch.equal(logits(loaded, 1), logits(twin, 1))
     image = random_image(2)
     expected = twin.chat(image, QUESTION, sampling=SHORT)
@@ -121,8 +125,8 @@ def test_int4_with_exclude_keeps_the_misfit_layers_in_float(engine, suite, capsy
         loaded = Engine.load(vlm_folder, quant="int4", group_size=32)  # the misfits stay float by themselves
     model = loaded.chat_model.model
     assert type(model.layers[0].mlp.down) is torch.nn.Linear
-    assert isinstance(model.layers[0].attn.qkv, Int4WeightOnlyLinear)
-    twin = quantize_model(copy.deepcopy(engine.chat_model.model), QuantSpec("int4", 32, INT4_MISFITS))
+    assert isinstance(model.layers[0].attn.qkv, (Int4WeightOnlyLinear, BlockedInt4Linear))
+    twin = block_for_cpu(quantize_model(copy.deepcopy(engine.chat_model.model), QuantSpec("int4", 32, INT4_MISFITS)))
     ids = torch.randint(0, model.vlm_config.text.vocab_size, (2, 7), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(model(ids), twin(ids))
