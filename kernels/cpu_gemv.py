@@ -261,31 +261,38 @@ def block_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
                      dim=-1).contiguous()  # [blocks, groups, 8 G + 64]
 
 
+def _int4_blocks(blocked: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values q [blocks, groups, G / 8, B, 2, 4] (column 8j + 4h + t of row i at [.., j, i, h, t]) and the
+    bfloat16 scales and zeros [blocks, groups, 2, B] of a blocked int4 weight (`block_int4`)."""
+    blocks, groups, record = blocked.shape
+    block = (record - 8 * group_size) // 4  # the scales and zeros: 2 x B bfloat16 values
+    nibbles = blocked[..., : 8 * group_size].reshape(blocks, groups, group_size // 8, block, 4)
+    table = blocked[..., 8 * group_size:].contiguous().view(torch.bfloat16).view(blocks, groups, 2, block)
+    return torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-2), table
+
+
+def _rows_of_blocks(values: torch.Tensor, out_features: int) -> torch.Tensor:
+    """[blocks, groups, G / 8, B, 2, 4] -> [N, K], row-major."""
+    blocks, groups, chunks, block = values.shape[:4]
+    return values.permute(0, 3, 1, 2, 4, 5).reshape(blocks * block, groups * chunks * 8)[:out_features]
+
+
 def unblock_int4(blocked: torch.Tensor, out_features: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The canonical (packed uint8 [N, K / 2], bfloat16 scales and zeros [K / G, N, 2]) back from `block_int4`."""
     from kernels.int4 import pack_int4
 
-    blocks, groups, record = blocked.shape
-    block = (record - 8 * group_size) // 4  # the scales and zeros: 2 x B bfloat16 values
-    nibbles = blocked[..., : 8 * group_size].reshape(blocks, groups, group_size // 8, block, 4)
-    values = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-2)  # [blocks, groups, G / 8, B, 2, 4]
-    values = values.permute(0, 3, 1, 2, 4, 5).reshape(blocks * block, groups * group_size)[:out_features]
-    table = blocked[..., 8 * group_size:].contiguous().view(torch.bfloat16).view(blocks, groups, 2, block)
+    values, table = _int4_blocks(blocked, group_size)
+    blocks, groups, _, block = table.shape
     table = table.permute(1, 0, 3, 2).reshape(groups, blocks * block, 2)[:, :out_features]
-    return pack_int4(values), table.contiguous()
+    return pack_int4(_rows_of_blocks(values, out_features)), table.contiguous()
 
 
 def dequantize_int4_blocked(blocked: torch.Tensor, out_features: int, group_size: int) -> torch.Tensor:
     """The bfloat16 weight [N, K] of a blocked int4 weight (`block_int4`), w = (q - 8) * scale + zero."""
-    blocks, groups, record = blocked.shape
-    block = (record - 8 * group_size) // 4
-    nibbles = blocked[..., : 8 * group_size].reshape(blocks, groups, group_size // 8, block, 4)
-    values = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-2).float()  # [blocks, groups, G / 8, B, 2, 4]
-    table = blocked[..., 8 * group_size:].contiguous().view(torch.bfloat16).view(blocks, groups, 2, block).float()
-    scale = table[:, :, 0, None, :, None, None]  # [blocks, groups, 1, B, 1, 1]
-    weight = values * scale + (table[:, :, 1, None, :, None, None] - 8 * scale)
-    weight = weight.permute(0, 3, 1, 2, 4, 5).reshape(blocks * block, groups * group_size)[:out_features]
-    return weight.to(torch.bfloat16)
+    values, table = _int4_blocks(blocked, group_size)
+    scale = table[:, :, 0, None, :, None, None].float()  # [blocks, groups, 1, B, 1, 1]
+    zero = table[:, :, 1, None, :, None, None].float()
+    return _rows_of_blocks(values.float() * scale + (zero - 8 * scale), out_features).to(torch.bfloat16)
 
 
 def int4_blocked_gemv(x: torch.Tensor, blocked: torch.Tensor, out_features: int, group_size: int,

@@ -2,7 +2,7 @@
  * group g = k / G is w = (q - 8) * scale[g, n] + zero[g, n] with q in [0, 15] (`kernels/int4.py`).
  *
  * torch's CPU tile layout, which gemv.c's int4 kernel reads, gives 128-bit and 256-bit `pmaddubsw` steps that need
- * an unpack per two lines and end in 16-bit sums; on one Zen 5 core that reads int4 weights at about two thirds of
+ * an unpack per two lines and end in 16-bit sums; on Zen 5 that reads int4 weights at two thirds to three quarters of
  * the rate the blocked int8 and bfloat16 kernels reach. Here the weight is reordered once into blocks of BLOCK output
  * rows, each a run of records, one per group: G / 8 chunks of 64 bytes, then the group's BLOCK bfloat16 scales and
  * BLOCK bfloat16 zeros (64 bytes). Byte 4i + t of chunk j holds row i's q at column 8j + t in its low nibble and at

@@ -8,7 +8,7 @@ table included, in the named type). llama.cpp runs through `llama-cpp-python`'s 
 optional `bench` extra), so no sampling code of its Python wrapper is timed: greedy is an argmax over the logits.
 
 Rows (ours, llama.cpp): float32 / F32, bfloat16 / BF16 (ours with its linears prepacked for oneDNN,
-`glm.generate.pack_for_cpu`), INT8 / Q8_0 (ours blocked where the CPU has AVX512_VNNI), INT4 g32 / Q4_0 (llama.cpp's
+`glm.generate.pack_for_cpu`), INT8 / Q8_0 and INT4 g32 / Q4_0 (ours blocked where the CPU has AVX512_VNNI; llama.cpp's
 blocks are 32 weights). Decode tokens/s is (new - 1) / (time of a `--new-tokens` generation - time of a 1-token
 one), best of `--repeats`, the stacks taking turns (`--clock cpu`: the process's CPU time, which counts llama.cpp's
 threads too); % floor is read/token x tokens/s against the read bandwidth the same run measures. The greedy tokens
@@ -194,9 +194,8 @@ def run_llama_cpp(args) -> int:
             "int8": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int8")),
             "int4 g32": quantize_model(copy.deepcopy(bf16_model), QuantSpec("int4", 32)), "bfloat16": bf16_model}
     read = {name: weight_bytes(model)[1] for name, model in ours.items()}  # packed weights leave the state dict
-    if args.device == "cpu":  # our CPU path: float linears prepacked, INT8 blocked where the CPU has AVX512_VNNI
-        for name in ("float32", "bfloat16", "int8"):
-            ours[name] = pack_for_cpu(ours[name])
+    if args.device == "cpu":  # our CPU path: float linears prepacked, INT8 and INT4 blocked where the CPU has VNNI
+        ours = {name: pack_for_cpu(model) for name, model in ours.items()}
     prepare_decode_steps(ours, args)
     header = (f"{'ours':<9} | {'read MB':>7} | {'tok/s':>7} | {'% floor':>7} | {'llama.cpp':<9} | {'read MB':>7} | "
               f"{'tok/s':>7} | {'% floor':>7} | {'ours / llama.cpp':>16} | greedy tokens equal")
