@@ -458,3 +458,20 @@ def test_length_groups_cut_sorted_rows_where_padding_is_least():
         best = min(sum((end - start) * ordered[end - 1] for start, end in zip((0,) + cuts, cuts + (8,)))
                    for k in range(groups) for cuts in itertools.combinations(range(1, 8), k))
         assert padded == best
+
+
+def test_rows_are_asked_in_chinese_at_the_chinese_share_and_histories_keep_the_language():
+    import random
+
+    from multimodal.training.vlm import CHINESE_SHARE, TASK_WEIGHTS, sample_conversation
+
+    rng = random.Random(11)
+    scenes = [make_scene(seed) for seed in split_seeds("train", 12)]
+    languages = []
+    for index in range(800):
+        task, history = sample_conversation(scenes[index % len(scenes)], list(TASK_WEIGHTS)[index % 4], rng)
+        languages.append(task.lang)
+        chinese_turns = [any("\u4e00" <= ch <= "\u9fff" for ch in question) for question, _ in history]
+        assert all(chinese_turns) if task.lang == "zh" else not any(chinese_turns)
+    share = languages.count("zh") / len(languages)
+    assert CHINESE_SHARE - 0.05 < share < CHINESE_SHARE + 0.05

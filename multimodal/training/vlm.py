@@ -64,6 +64,7 @@ BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn bef
 CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 PERTURBED_SHARE = 0.3  # questions edited once (a filler word, a wrapper, a word dropped) for unseen wordings
+CHINESE_SHARE = 0.6  # rows asked in Chinese: its follow-ups and unseen wordings trail the English ones
 
 
 
@@ -120,9 +121,15 @@ def trained_wording(task: Task, rng: random.Random) -> Task:
     return task
 
 
+def sample_language(rng: random.Random) -> str:
+    """The language of a row: Chinese with `CHINESE_SHARE`."""
+    return "zh" if rng.random() < CHINESE_SHARE else "en"
+
+
 def sample_task(scene: Scene, kind: str, rng: random.Random) -> Task:
-    """A task of `kind` about the scene, in a training phrasing."""
-    return trained_wording(rng.choice([t for t in scene_tasks(scene) if t.kind == kind]), rng)
+    """A task of `kind` about the scene in a language from `sample_language`, in a training phrasing."""
+    lang = sample_language(rng)
+    return trained_wording(rng.choice([t for t in scene_tasks(scene) if t.kind == kind and t.lang == lang]), rng)
 
 
 def sample_conversation(scene: Scene, kind: str, rng: random.Random) -> tuple[Task, tuple[tuple[str, str], ...]]:
@@ -130,7 +137,7 @@ def sample_conversation(scene: Scene, kind: str, rng: random.Random) -> tuple[Ta
     `MAX_EARLIER_TURNS` about the same scene (`FOLLOW_UP_SHARE`), or for refer and vqa rows with `BACK_REFERENCE_SHARE`
     a follow-up that refers back to the turn just before it ("And how many cats?")."""
     if kind in ("refer", "vqa") and rng.random() < BACK_REFERENCE_SHARE:
-        lang = rng.choice(("en", "zh"))
+        lang = sample_language(rng)
         pairs = [pair for pair in follow_ups(scene, lang, rng) if pair[1].kind == kind]
         if pairs:
             lead, task = rng.choice(pairs)
