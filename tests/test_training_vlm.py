@@ -475,3 +475,29 @@ def test_rows_are_asked_in_chinese_at_the_chinese_share_and_histories_keep_the_l
         assert all(chinese_turns) if task.lang == "zh" else not any(chinese_turns)
     share = languages.count("zh") / len(languages)
     assert CHINESE_SHARE - 0.05 < share < CHINESE_SHARE + 0.05
+
+
+def test_a_row_that_would_outgrow_the_context_drops_its_oldest_earlier_turns():
+    tokenizer = load_world_tokenizer()
+    config = world_vlm_config(tokenizer.vocab_size)
+    processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
+    scene = make_scene(split_seeds("train", 1)[0])
+    task = next(t for t in scene_tasks(scene) if t.kind == "vqa" and t.lang == "zh")
+    caption = next(t for t in scene_tasks(scene) if t.kind == "grounded_caption" and t.lang == "zh")
+    history = tuple((f"{caption.prompt}{index}", caption.answer) for index in range(6))  # far past 320 tokens
+
+    def fits(turns) -> bool:
+        before, after = processor.prompt_ids(task.prompt, turns)
+        answer = tokenizer.encode(task.answer) + [tokenizer.token_id("<|user|>")]
+        return len(before) + config.image_tokens + len(after) + len(answer) <= config.text.max_seq_len
+
+    (before, after), = answer_rows(processor, tokenizer, [task], with_image=True, histories=[history])[0]
+    kept = [index for index in range(6) if _contains(after, tokenizer.encode(history[index][0]))]
+    assert len(before) + config.image_tokens + len(after) <= config.text.max_seq_len
+    assert kept and kept == list(range(6 - len(kept), 6))  # the newest turns stay
+    assert not fits(history[5 - len(kept):])  # and no more were dropped than needed
+    processor.layout([(before, after)], config.image_tokens)  # within the context: no error
+
+
+def _contains(ids: list, part: list) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))

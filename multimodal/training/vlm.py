@@ -171,13 +171,18 @@ def earlier_turns(scene: Scene, task: Task, rng: random.Random,
 def answer_rows(processor: Processor, tokenizer: GLMTokenizer, tasks: list[Task], with_image: bool,
                 histories: list[tuple] | None = None):
     """(before, after) token rows with the answer and stop token appended, and the answer lengths; each row after its
-    history of earlier turns when `histories` are given."""
+    history of earlier turns when `histories` are given, less its oldest turns where the row would outgrow the context
+    (long Chinese captions before a long answer)."""
     stop = tokenizer.token_id(STOP_TOKEN)
+    context = processor.config.text.max_seq_len - (processor.config.image_tokens if with_image else 0)
     rows, lengths = [], []
     for index, task in enumerate(tasks):
-        history = histories[index] if histories is not None else ()
-        before, after = processor.prompt_ids(task.prompt, history, with_image=with_image)
+        history = tuple(histories[index]) if histories is not None else ()
         answer = tokenizer.encode(task.answer) + [stop]
+        before, after = processor.prompt_ids(task.prompt, history, with_image=with_image)
+        while history and len(before) + len(after) + len(answer) > context:
+            history = history[1:]
+            before, after = processor.prompt_ids(task.prompt, history, with_image=with_image)
         rows.append((before, after + answer))
         lengths.append(len(answer))
     return rows, lengths
