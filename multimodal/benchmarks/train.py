@@ -5,7 +5,8 @@ Both loops start from the same weights and draw batches from the same scene pool
 is the float32 eager loop at its old defaults (batch 16 for the VLM and the DiTs, one thread, scenes rendered and
 prompts encoded inside the loop); "fast" is `multimodal train`'s default (bf16 autocast where the CPU has native
 bf16, with `kernels.attention`'s explicit path; cached scenes and text states; a larger batch at the linearly
-scaled learning rate; every core). Each trains for the same number of samples under its recipe's schedule, shortened
+scaled learning rate; every core, as threads of one process or with `--processes 2` as data-parallel processes of
+`multimodal.training.parallel`). Each trains for the same number of samples under its recipe's schedule, shortened
 to the bench: a warmup over the first tenth of the samples, then cosine decay. The table gives samples/s, their
 ratio, and the loss each reached, measured after training in float32 on the same fixed validation batches (same
 scenes, prompts and noise), so that the speed is shown not to cost learning per sample. The one-time scene-cache
@@ -32,7 +33,11 @@ def register(subparsers) -> None:
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("--samples", type=int, default=2048, help="training samples per loop")
     parser.add_argument("--reference-threads", type=int, default=1, help="threads of the reference loop (its default)")
-    parser.add_argument("--threads", type=int, default=None, help="threads of the fast loop (default: every core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of the fast loop, or of each of its processes (default: every core, shared)")
+    parser.add_argument("--processes", default="1",
+                        help="comma-separated data-parallel process counts of the fast loop, one row each (vlm, "
+                             "diffusion)")
     parser.add_argument("--batch-sizes", default=None,
                         help="comma-separated batches for the fast loop, one row each (default: the model's)")
     parser.add_argument("--device", default="cpu")
@@ -105,10 +110,17 @@ def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> B
 
 
 def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tokenizer, scenes: int) -> dict:
+    """One loop's samples/s and validation loss; in a process group, this process's share of it (the first
+    process's result is the loop's)."""
     import torch
+    import torch.distributed as dist
 
+    from multimodal.assets import load_world_tokenizer
     from multimodal.training.loop import Runtime
+    from multimodal.training.parallel import average_gradients, is_main, world
 
+    tokenizer = tokenizer or load_world_tokenizer()
+    processes = world()[1]
     built = time.perf_counter()
     bench = _setup(model, settings, seed, tokenizer, scenes)
     setup_seconds = time.perf_counter() - built
@@ -118,6 +130,8 @@ def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tok
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=bench.weight_decay)
     step_loss = bench.step_loss(bench.pool, settings.batch_size)
     bench.module.train()
+    if processes > 1:
+        dist.barrier()  # the clock starts when every process has built its model
     start = time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -126,9 +140,15 @@ def _train(model: str, settings, samples: int, seed: int, eval_batches: int, tok
             loss, _ = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if processes > 1:
+            average_gradients(params, stop=False)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
     seconds = time.perf_counter() - start
+    if not is_main():  # the same weights as the first process's
+        return {}
+    if processes > 1:  # the loss below is measured as one process, on the same batches for every loop
+        dist.destroy_process_group()
     bench.module.eval()
     evaluate = bench.step_loss(bench.validation, 16)
     with torch.no_grad(), Runtime(settings.runtime.device).context():  # float32, the same for both loops
@@ -144,30 +164,40 @@ def run(args: argparse.Namespace) -> int:
 
     from multimodal.assets import load_world_tokenizer
     from multimodal.training.loop import default_threads, native_bf16
+    from multimodal.training.parallel import launch
 
     recipe = importlib.import_module(f"multimodal.training.{args.model}").RECIPE
     tokenizer = load_world_tokenizer()
-    threads = args.threads or default_threads()
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [recipe.fast_batch]
-    loops = [("reference", None, args.reference_threads)] + [("fast", batch, threads) for batch in batches]
+    process_counts = [int(p) for p in args.processes.split(",")]
+    if any(count > 1 for count in process_counts) and (args.model == "judge" or args.device != "cpu"):
+        raise ValueError("--processes is for the vlm and diffusion benches on the CPU (the judge's contrastive loss "
+                         "needs its whole batch in one process).")
+    loops = [("reference", None, args.reference_threads, 1)] + [
+        ("fast", batch, args.threads or max(1, default_threads() // count), count)
+        for batch in batches for count in process_counts]
     rows = []
-    for loop, batch, loop_threads in loops:
+    for loop, batch, loop_threads, processes in loops:
         settings = recipe.settings(loop, args.device, batch)
-        torch.set_num_threads(loop_threads)
-        result = _train(args.model, settings, args.samples, args.seed, args.eval_batches, tokenizer, args.scenes)
-        rows.append((loop, settings, loop_threads, result))
-        print(f"{loop} (batch {settings.batch_size}): {result['samples']} samples in {result['seconds']:.1f} s "
-              f"(setup {result['setup']:.1f} s)", flush=True)
+        task = (args.model, settings, args.samples, args.seed, args.eval_batches)
+        if processes == 1:
+            torch.set_num_threads(loop_threads)
+            result = _train(*task, tokenizer, args.scenes)
+        else:
+            result = launch(_train, processes, loop_threads, *task, None, args.scenes)
+        rows.append((loop, settings, loop_threads, processes, result))
+        print(f"{loop} (batch {settings.batch_size}, {processes} x {loop_threads} threads): {result['samples']} "
+              f"samples in {result['seconds']:.1f} s (setup {result['setup']:.1f} s)", flush=True)
 
     print(f"\ntraining {args.model}, {args.samples} samples per loop, device {args.device}, "
           f"native bf16: {native_bf16(args.device)}")
-    print(f"{'loop':<10} {'runtime':<20} {'threads':>7} {'batch':>5} {'lr':>8} {'samples/s':>9} {'vs ref':>7} "
-          f"{'val loss':>9} {'vs ref':>7}")
-    reference = rows[0][3]
+    print(f"{'loop':<10} {'runtime':<20} {'procs':>5} {'threads':>7} {'batch':>5} {'lr':>8} {'samples/s':>9} "
+          f"{'vs ref':>7} {'val loss':>9} {'vs ref':>7}")
+    reference = rows[0][4]
     reference_rate = reference["samples"] / reference["seconds"]
-    for loop, settings, loop_threads, result in rows:
+    for loop, settings, loop_threads, processes, result in rows:
         rate = result["samples"] / result["seconds"]
-        print(f"{loop:<10} {settings.runtime.describe():<20} {loop_threads:>7} {settings.batch_size:>5} "
-              f"{settings.lr:>8.2e} {rate:>9.1f} {rate / reference_rate:>6.2f}x {result['val_loss']:>9.4f} "
-              f"{result['val_loss'] - reference['val_loss']:>+7.3f}")
+        print(f"{loop:<10} {settings.runtime.describe():<20} {processes:>5} {loop_threads:>7} "
+              f"{settings.batch_size:>5} {settings.lr:>8.2e} {rate:>9.1f} {rate / reference_rate:>6.2f}x "
+              f"{result['val_loss']:>9.4f} {result['val_loss'] - reference['val_loss']:>+7.3f}")
     return 0

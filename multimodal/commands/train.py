@@ -3,7 +3,8 @@ world, then export the runs as a suite folder; `recipe` does all of it in one co
 and evaluates the result.
 
 Runs resume from their folder (`--out`), print progress (each loss component, samples/s, and for the diffusion
-models how much the prompt lowers the loss), and use every core by default (`--threads 1` lets jobs share a CPU).
+models how much the prompt lowers the loss), and use every core by default (`--threads 1` lets jobs share a CPU;
+`--processes 2` runs the VLM or the DiTs as two data-parallel processes, which uses two cores better than two threads).
 The loop runs in bf16 autocast where the CPU (or GPU) has native bf16, on scenes and text states cached once
 (`multimodal bench train` measures it against the float32 loop it replaced, `--loop reference`).
 `export` reads `--runs DIR` (its vlm/, diffusion/ and judge/ runs) and writes the suite to `--out`
@@ -28,10 +29,13 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="run folder (default runs/<model>; tokenizer: a .json path)")
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (the schedule's length)")
     parser.add_argument("--minutes", type=float, default=None, help="stop (after saving) when this much time passed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for this job (default: every core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for this job, or for each of its processes (default: every core, shared)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="vlm, diffusion on the CPU: data-parallel processes, each with its share of every batch")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (the same checkpoints either way)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="samples per step (default: the model's; the learning rate scales with its square root)")
+                        help="samples per step (default: the model's; the learning rate scales linearly with it)")
     parser.add_argument("--loop", choices=["fast", "reference"], default="fast",
                         help="reference: the float32 eager loop without caches (for comparisons)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped one)")
@@ -86,11 +90,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record["seconds"]))
         return 0
 
+    if args.scenes < 1:
+        raise ValueError(f"--scenes must be at least 1, not {args.scenes}.")
+    if args.processes == 1:
+        path = train_model(args)
+    else:
+        from multimodal.training.parallel import launch
+
+        if args.model not in ("vlm", "diffusion") or args.device != "cpu":
+            raise ValueError(f"--processes is for vlm and diffusion training on the CPU, not {args.model} on "
+                             f"{args.device} (the judge's contrastive loss needs its whole batch in one process).")
+        threads = args.threads or max(1, default_threads() // args.processes)
+        path = launch(train_model, args.processes, threads, args)
+    print(f"saved {path}")
+    return 0
+
+
+def train_model(args: argparse.Namespace) -> Path:
+    """One training process of `multimodal train judge|vlm|diffusion`: the run folder's model checkpoint."""
     from multimodal.assets import load_world_tokenizer
 
     tokenizer = load_world_tokenizer(args.tokenizer)
-    if args.scenes < 1:
-        raise ValueError(f"--scenes must be at least 1, not {args.scenes}.")
+    out = Path(args.out) if args.out else Path("runs") / args.model
     budget = {"minutes": args.minutes, "scenes": args.scenes} | ({"steps": args.steps} if args.steps else {})
     if args.model == "judge":
         from multimodal.training import judge as recipe
@@ -107,5 +128,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = recipe.train_diffusion(out, tokenizer, text_encoder=args.text_encoder, seed=args.seed,
                                       settings=settings, init=args.init, **budget)
-    print(f"saved {path}")
-    return 0
+    return path

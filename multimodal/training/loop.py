@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from multimodal.checkpoint import NATIVE_WEIGHTS, check_state_dict, read_state_dict, save_native
+from multimodal.training.parallel import average_gradients, average_scalars, is_main, world
 from multimodal.world import Scene, WorldConfig, make_scene, render, split_of, split_seeds
 
 
@@ -294,6 +295,8 @@ class Run:
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
              extra: torch.nn.Module | None = None, ema: EMA | None = None) -> None:
+        if not is_main():  # every process holds the same weights; the first writes them
+            return
         # Write the trainer state last: a run killed mid-save resumes from the previous, complete checkpoint.
         save_native(model.state_dict(), {**self.config, "step": step}, self.model_dir, self.kind)
         if ema is not None:
@@ -307,6 +310,8 @@ class Run:
         tmp.replace(self.out_dir / "trainer.pt")
 
     def log(self, line: str) -> None:
+        if not is_main():
+            return
         stamped = f"[{time.strftime('%H:%M:%S')} +{(time.monotonic() - self._started) / 60:.1f}m] {line}"
         print(stamped, flush=True)
         with open(self.out_dir / "log.txt", "a") as handle:
@@ -334,14 +339,17 @@ def train(
     out. The step runs under `runtime`'s autocast and attention kernel. `extra` is a training-only module (an
     auxiliary head) whose weights go into the trainer state, not the model; with `ema_decay` the run also keeps and
     saves an exponential moving average of the model. With `batch_size` the progress line shows samples/s.
-    Returns the step reached."""
-    ema = None if ema_decay is None else EMA(model, ema_decay)
+    In a process group (`multimodal.training.parallel`) each process's `step_loss` builds its share of the batch and
+    the gradients are averaged before the step. Returns the step reached."""
+    processes = world()[1]
+    ema = None if ema_decay is None or not is_main() else EMA(model, ema_decay)
     step = run.resume(model, optimizer, extra, ema)
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     window_loss, window_parts, window_start = 0.0, {}, time.monotonic()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
-    run.log(f"{run.kind} from step {step}: {runtime.describe()}, {torch.get_num_threads()} threads")
+    run.log(f"{run.kind} from step {step}: {runtime.describe()}, {torch.get_num_threads()} threads"
+            + (f" in each of {processes} processes" if processes > 1 else ""))
     while step < schedule.steps:
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
@@ -354,6 +362,9 @@ def train(
                 window_parts[name] = (total + value, count + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if processes > 1:  # every process leaves at the same step, or the next all-reduce would wait forever
+            out_of_time = average_gradients(params, out_of_time)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if ema is not None:
@@ -362,18 +373,20 @@ def train(
         window_loss += loss.item()
         if step % log_every == 0:
             rate = log_every / (time.monotonic() - window_start)
-            parts = "".join(f" {name} {total / count:.4f}" for name, (total, count) in window_parts.items())
+            names = sorted(window_parts)  # the same components on the same steps in every process
+            means = average_scalars([window_loss] + [window_parts[n][0] / window_parts[n][1] for n in names])
+            window_loss, parts = means[0], "".join(f" {name} {mean:.4f}" for name, mean in zip(names, means[1:]))
             speed = f"{rate:.2f} steps/s" + (f" {rate * batch_size:.1f} samples/s" if batch_size else "")
             run.log(f"step {step}/{schedule.steps} loss {window_loss / log_every:.4f}{parts} lr {schedule(step):.2e} "
                     f"{speed}")
             window_loss, window_parts, window_start = 0.0, {}, time.monotonic()
-        if evaluate is not None and step % evaluate_every == 0:
+        if evaluate is not None and step % evaluate_every == 0 and is_main():
             model.eval()
             run.log(f"step {step} eval: {evaluate()}")
             model.train()
         if step % save_every == 0:
             run.save(model, optimizer, step, extra, ema)
-        if deadline is not None and time.monotonic() > deadline:
+        if out_of_time:
             run.log(f"time budget of {minutes} minutes reached at step {step}")
             break
     run.save(model, optimizer, step, extra, ema)
