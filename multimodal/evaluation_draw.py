@@ -6,7 +6,8 @@ no training scene shows. Every measure is also taken on the rendered scenes of t
 perfect model would reach, and the check that the judges can be trusted.
 
 - all objects present, by the judge (GenEval-style zero-shot presence among the drawing classes): the value.
-- the same by the suite's VLM: its caption of the image must name every object asked for (an independent opinion).
+- the same by the suite's VLM, two ways (an independent opinion): asked "Is there a dog?" for each object, it must
+  answer yes to every one; and its caption of the image must name every object asked for.
 - R-precision: the judge ranks the image's own prompt against up to 99 other test prompts (never one the image's
   scene also answers, such as the same prompt without its background); the share ranked first.
 - per composition ("one object", "animal with accessory", ...) and on the held-out compositions.
@@ -34,7 +35,7 @@ from multimodal.drawing import (
 )
 from multimodal.evaluation import BARS, Answer, Result
 from multimodal.language import Task, mentioned_classes
-from multimodal.world import COLOURS, DRAWING, HELD_OUT_COMPOSITIONS, Scene, make_scene, split_seeds
+from multimodal.world import CLASSES, COLOURS, DRAWING, HELD_OUT_COMPOSITIONS, Scene, make_scene, split_seeds
 
 HELD_OUT_OFFSET = 50_000  # test seeds searched for held-out compositions start here, far from the main items
 R_PRECISION_CANDIDATES = 100
@@ -91,6 +92,24 @@ def vlm_presence(answer: Answer, images, items: list[DrawItem], batch_size: int 
             mentioned = mentioned_classes(caption, "en")
             present.append(all(mentioned.intersection(group) for group in item.named))
     return present
+
+
+def vlm_asked_presence(answer: Answer, images, items: list[DrawItem], batch_size: int = 32) -> list[bool]:
+    """Whether the VLM answers yes to "Is there a dog?" for every object asked for in each image (GenEval-style:
+    an object named by an everyday word, "a hat", counts when any class it covers is answered yes)."""
+    from multimodal.evaluation import MAX_NEW_TOKENS
+    from multimodal.phrasing import canonical
+
+    questions = [(index, group, canonical("presence", "en", a_thing=CLASSES[name].with_article()))
+                 for index, item in enumerate(items) for group, names in enumerate(item.named) for name in names]
+    said_yes = set()
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        replies = answer([images[index] for index, _, _ in chunk], [question for _, _, question in chunk],
+                         MAX_NEW_TOKENS["vqa"])
+        said_yes.update((index, group) for (index, group, _), reply in zip(chunk, replies)
+                        if reply.strip().lower().startswith("yes"))
+    return [all((index, group) in said_yes for group in range(len(item.named))) for index, item in enumerate(items)]
 
 
 def r_precision(judge, images, items: list[DrawItem], seed: int = 0) -> float:
@@ -179,6 +198,8 @@ def evaluate_draw(pipeline, single, judge, count: int, answer: Answer | None = N
     if answer is not None:
         details["VLM all present"] = share(vlm_presence(answer, relay_images, items))
         details["VLM on renders"] = share(vlm_presence(answer, rendered, items))
+        details["VLM asked, all present"] = share(vlm_asked_presence(answer, relay_images, items))
+        details["VLM asked, on renders"] = share(vlm_asked_presence(answer, rendered, items))
     for kind in sorted({composition(item.scene) for item in items}):
         picked = [p for p, item in zip(presence, items) if composition(item.scene) == kind]
         details[f"{kind} ({len(picked)})"] = share(picked)

@@ -17,6 +17,7 @@ from multimodal.evaluation_draw import (
     held_out_items,
     judge_presence,
     r_precision,
+    vlm_asked_presence,
     vlm_presence,
 )  # fmt: skip
 from multimodal.world import COLOURS, HELD_OUT_COMPOSITIONS, render
@@ -95,6 +96,26 @@ def test_vlm_presence_needs_every_named_object_in_the_caption():
 
     assert vlm_presence(answer, [(item, True) for item in items], items) == [True] * len(items)
     assert vlm_presence(answer, [(item, False) for item in items], items) == [False] * len(items)
+
+
+def test_vlm_asked_presence_needs_a_yes_for_each_object_and_one_class_of_an_everyday_word_suffices():
+    from multimodal.world import CLASSES
+
+    items = draw_items(60)
+    generic = [item for item in items if any(len(group) > 1 for group in item.named)]
+    assert generic  # "a dog with a hat": the hat is any of the drawing hats
+    asked = {f"Is there {CLASSES[name].with_article()}?": name for name in DRAWING_CLASSES}
+
+    def answer(images, questions, limit):
+        assert limit == 8
+        return [" Yes" if asked[question] in present else "no" for present, question in zip(images, questions)]
+
+    one_of_each = [{group[-1] for group in item.named} for item in items]
+    assert vlm_asked_presence(answer, one_of_each, items) == [True] * len(items)
+    first_missing = [{group[-1] for group in item.named[1:]} | {"star"} for item in items]
+    expected = [item.named[0][-1] in {g[-1] for g in item.named[1:]} for item in items]  # unless named twice
+    assert vlm_asked_presence(answer, first_missing, items) == expected
+    assert not all(expected)
 
 
 def test_background_colour_is_read_from_the_border():
