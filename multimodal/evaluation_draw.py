@@ -6,8 +6,8 @@ no training scene shows. Every measure is also taken on the rendered scenes of t
 perfect model would reach, and the check that the judges can be trusted.
 
 - all objects present, by the judge (GenEval-style zero-shot presence among the drawing classes): the value.
-- the same by the suite's VLM, two ways (an independent opinion): asked "Is there a dog?" for each object, it must
-  answer yes to every one; and its caption of the image must name every object asked for.
+- the same by the suite's VLM, two ways (an independent opinion): asked about each object ("Is there a dog?", "What
+  is the dog wearing?"), it must confirm every one; and its caption of the image must name every object asked for.
 - R-precision: the judge ranks the image's own prompt against up to 99 other test prompts (never one the image's
   scene also answers, such as the same prompt without its background); the share ranked first.
 - per composition ("one object", "animal with accessory", ...) and on the held-out compositions.
@@ -95,21 +95,33 @@ def vlm_presence(answer: Answer, images, items: list[DrawItem], batch_size: int 
 
 
 def vlm_asked_presence(answer: Answer, images, items: list[DrawItem], batch_size: int = 32) -> list[bool]:
-    """Whether the VLM answers yes to "Is there a dog?" for every object asked for in each image (GenEval-style:
-    an object named by an everyday word, "a hat", counts when any class it covers is answered yes)."""
+    """Whether the VLM confirms every object asked for in each image, one question per object (GenEval-style), as
+    its training asked them: "Is there a dog?" answered yes; for a worn accessory, "What is the dog wearing?"
+    answered with it (an accessory named by its everyday word, "a hat", counts with any class the word covers)."""
     from multimodal.evaluation import MAX_NEW_TOKENS
     from multimodal.phrasing import canonical
 
-    questions = [(index, group, canonical("presence", "en", a_thing=CLASSES[name].with_article()))
-                 for index, item in enumerate(items) for group, names in enumerate(item.named) for name in names]
-    said_yes = set()
+    questions = []  # (item index, object index, question, the classes that confirm it, or None for a yes/no)
+    for index, item in enumerate(items):
+        for position, (obj, group) in enumerate(zip(item.scene.objects, item.named)):
+            if obj.wearer is not None:
+                wearer = item.scene.objects[obj.wearer].name
+                questions.append((index, position, canonical("wearing", "en", name=wearer), set(group)))
+            else:
+                questions += [(index, position, canonical("presence", "en", a_thing=CLASSES[name].with_article()),
+                               None) for name in group]
+    confirmed = set()
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        replies = answer([images[index] for index, _, _ in chunk], [question for _, _, question in chunk],
+        replies = answer([images[index] for index, *_ in chunk], [question for _, _, question, _ in chunk],
                          MAX_NEW_TOKENS["vqa"])
-        said_yes.update((index, group) for (index, group, _), reply in zip(chunk, replies)
-                        if reply.strip().lower().startswith("yes"))
-    return [all((index, group) in said_yes for group in range(len(item.named))) for index, item in enumerate(items)]
+        for (index, position, _, classes), reply in zip(chunk, replies):
+            said = reply.strip().lower().startswith("yes") if classes is None else bool(
+                mentioned_classes(reply, "en") & classes)
+            if said:
+                confirmed.add((index, position))
+    return [all((index, position) in confirmed for position in range(len(item.named)))
+            for index, item in enumerate(items)]
 
 
 def r_precision(judge, images, items: list[DrawItem], seed: int = 0) -> float:

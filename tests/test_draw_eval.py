@@ -98,24 +98,37 @@ def test_vlm_presence_needs_every_named_object_in_the_caption():
     assert vlm_presence(answer, [(item, False) for item in items], items) == [False] * len(items)
 
 
-def test_vlm_asked_presence_needs_a_yes_for_each_object_and_one_class_of_an_everyday_word_suffices():
+def test_vlm_asked_presence_needs_each_object_confirmed_and_one_class_of_an_everyday_word_suffices():
     from multimodal.world import CLASSES
 
-    items = draw_items(60)
+    items = draw_items(80)
     generic = [item for item in items if any(len(group) > 1 for group in item.named)]
-    assert generic  # "a dog with a hat": the hat is any of the drawing hats
+    assert generic  # "a dog with a hat": the hat is any of the drawing hats, asked as "What is the dog wearing?"
     asked = {f"Is there {CLASSES[name].with_article()}?": name for name in DRAWING_CLASSES}
 
     def answer(images, questions, limit):
         assert limit == 8
-        return [" Yes" if asked[question] in present else "no" for present, question in zip(images, questions)]
+        replies = []
+        for (present, worn), question in zip(images, questions):
+            if question.startswith("What is the "):
+                replies.append(worn.get(question.removeprefix("What is the ").removesuffix(" wearing?"), "nothing"))
+            else:
+                replies.append(" Yes" if asked[question] in present else "no")
+        return replies
 
-    one_of_each = [{group[-1] for group in item.named} for item in items]
-    assert vlm_asked_presence(answer, one_of_each, items) == [True] * len(items)
-    first_missing = [{group[-1] for group in item.named[1:]} | {"star"} for item in items]
-    expected = [item.named[0][-1] in {g[-1] for g in item.named[1:]} for item in items]  # unless named twice
-    assert vlm_asked_presence(answer, first_missing, items) == expected
-    assert not all(expected)
+    def shown(item, missing=()):
+        """What a fake image holds: the standalone classes, and each wearer's accessory by name."""
+        objects = item.scene.objects
+        present = {group[-1] for obj, group in zip(objects, item.named) if obj.wearer is None} - set(missing)
+        worn = {objects[obj.wearer].name: f"a {group[-1]}" for obj, group in zip(objects, item.named)
+                if obj.wearer is not None and group[-1] not in missing}
+        return present, worn
+
+    assert vlm_asked_presence(answer, [shown(item) for item in items], items) == [True] * len(items)
+    for position in (0, -1):  # the first object (an animal or a thing) and the last (often an accessory)
+        images = [shown(item, {item.named[position][-1]}) for item in items]
+        assert vlm_asked_presence(answer, images, items) == [False] * len(items)
+    assert any(obj.wearer is not None for item in generic for obj in item.scene.objects)
 
 
 def test_background_colour_is_read_from_the_border():
