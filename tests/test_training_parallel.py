@@ -1,5 +1,6 @@
-"""Data-parallel training over processes (`multimodal.training.parallel`): two gloo processes on loopback take the
-steps one process would take on the union of their rows, agree on when to stop, and resume like one."""
+"""Data-parallel training over processes (`multimodal.training.parallel`): two gloo processes on loopback, each
+with its share of every batch, take the steps one process takes on the whole batch, agree on when to stop, and
+resume like one."""
 
 import random
 
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from multimodal.training.loop import Run, Schedule, train
-from multimodal.training.parallel import average_gradients, batch_rngs, launch, local_batch, world
+from multimodal.training.parallel import average_gradients, launch, my_share, world
 
 STEPS, BATCH, FEATURES = 6, 8, 5
 TRUE_WEIGHTS = torch.tensor([[0.5, -1.0, 2.0, 0.25, -0.75]])
@@ -26,15 +27,15 @@ def _model_and_optimizer():
 
 
 def _toy_training(out_dir: str, fail_at: int | None = None) -> dict:
-    """One process of a toy regression trained by `train`; returns the weights and the largest difference between
-    any two processes' weights."""
+    """One process of a toy regression trained by `train` on its share of each batch; returns the weights and the
+    largest difference between any two processes' weights."""
     model, optimizer = _model_and_optimizer()
 
     def step_loss(step: int) -> torch.Tensor:
         if step == fail_at and world()[0] == 1:
             raise RuntimeError("killed mid-way")
-        _, rng = batch_rngs(f"toy-{step}")
-        x, y = _rows(rng, local_batch(BATCH))
+        x, y = _rows(random.Random(f"toy-{step}"), BATCH)  # every process draws the whole batch
+        x, y = my_share(x), my_share(y)
         return torch.nn.functional.mse_loss(model(x), y)
 
     train(Run(out_dir, "toy", {}), model, optimizer, Schedule(STEPS, 0.05, warmup=1), step_loss, save_every=3,
@@ -46,14 +47,13 @@ def _toy_training(out_dir: str, fail_at: int | None = None) -> dict:
 
 
 def _one_process_on_the_union() -> torch.Tensor:
-    """The same steps in one process on both processes' rows (the mean loss over all of them)."""
+    """The same steps in one process on the whole batches."""
     model, optimizer = _model_and_optimizer()
     schedule = Schedule(STEPS, 0.05, warmup=1)
     for step in range(STEPS):
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
-        rows = [_rows(random.Random(f"toy-{step}/rank {rank} of 2"), BATCH // 2) for rank in range(2)]
-        x, y = torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+        x, y = _rows(random.Random(f"toy-{step}"), BATCH)
         loss = torch.nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -62,7 +62,7 @@ def _one_process_on_the_union() -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def test_two_processes_take_the_steps_of_one_process_on_the_union_of_their_rows(tmp_path):
+def test_two_processes_take_the_steps_of_one_process_on_the_whole_batch(tmp_path):
     result = launch(_toy_training, 2, 1, str(tmp_path / "run"))
     assert result["spread"] == 0.0  # every process holds the same weights
     torch.testing.assert_close(result["weights"], _one_process_on_the_union(), rtol=1e-5, atol=1e-6)
@@ -98,10 +98,18 @@ def test_gradients_average_over_processes_missing_ones_count_as_zero_and_any_sto
     assert launch(_average, 2, 1, -1)["stop"] is False
 
 
-def test_one_process_keeps_the_batch_and_the_rng_of_a_plain_run():
-    shared, own = batch_rngs("key")
-    assert shared is own and own.random() == random.Random("key").random()
-    assert local_batch(16) == 16
+def _shares(rows: list) -> list:
+    share = my_share(rows)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, share)
+    return gathered
+
+
+def test_processes_share_out_the_rows_of_one_batch_and_one_process_keeps_them_all():
+    assert launch(_shares, 2, 1, list(range(8))) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert my_share(list(range(8))) == list(range(8))
+    with pytest.raises(RuntimeError, match="A batch of 7 does not split evenly over 2 processes"):
+        launch(_shares, 2, 1, list(range(7)))
 
 
 def test_training_processes_are_refused_for_the_judge(capsys):

@@ -32,7 +32,7 @@ from multimodal.checkpoint import NATIVE_CONFIG, read_native_config
 from multimodal.drawing import pick_prompt
 from multimodal.training.data import CachedTextEncoder
 from multimodal.training.loop import LoopRecipe, LoopSettings, Run, TrainScenes, train
-from multimodal.training.parallel import batch_rngs, local_batch
+from multimodal.training.parallel import my_share, world
 from multimodal.training.vlm import text_encoder_fingerprint
 from multimodal.world import DRAWING
 from vlm.convert import load_vlm
@@ -118,13 +118,13 @@ def diffusion_step_loss(stages: Stages, encoder, pool: TrainScenes, relay_config
     the same noise: how much the base stage uses its prompt (0: not at all)."""
     base, relay, single = (EDMDenoiser(m, relay_config.sigma_data) for m in (stages.base, stages.relay, stages.single))
 
-    rows = local_batch(batch_size)  # this process's share (`multimodal.training.parallel`)
-
     def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        _, rng = batch_rngs(f"diffusion-{seed}-{step}")
-        generator = torch.Generator().manual_seed(rng.randrange(2**63))
-        seeds = pool.batch_seeds(rng, rows)
+        rng = random.Random(f"diffusion-{seed}-{step}")
+        # each data-parallel process its own noise, and its share of the rows (`multimodal.training.parallel`)
+        generator = torch.Generator().manual_seed(rng.randrange(2**63) + world()[0])
+        seeds = pool.batch_seeds(rng, batch_size)
         prompts = [draw_prompt(pool.scene(s), rng) for s in seeds]
+        seeds, prompts = my_share(seeds), my_share(prompts)
         states, mask = encoder(prompts)
         cond = {"text": states.to(device), "text_mask": mask.to(device)}
         images = pool.images(seeds).to(device)  # [B, 3, 64, 64] in [-1, 1]

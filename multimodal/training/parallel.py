@@ -1,13 +1,13 @@
 """Data-parallel training over processes on one CPU (`torch.distributed`, gloo on loopback).
 
 At the embedded models' sizes a training step is hundreds of small ops, and a second thread inside each op buys
-little (the VLM's vision stage ran about as fast on two threads as on one). Two processes of one thread each, each
-with its own share of every batch, use both cores: every process draws the rows of its share from an rng keyed by
-(step, rank), computes their loss and gradients, and one all-reduce averages the gradients, so every process takes
-the same optimizer step and holds the same weights. The first process logs and saves; a resumed run continues
+little. Two processes of one thread each, each with its share of every batch, use both cores: every process draws the
+step's whole batch from the step's rng, as one process would, keeps its share of the rows (`my_share`), computes their
+loss and gradients, and one all-reduce averages the gradients, so every process takes the same optimizer step and
+holds the same weights. The first process logs and saves; a resumed run continues
 from its checkpoint in every process.
 
-With one process (the default) nothing here changes a run: the keys, batches and steps are those it always had.
+With one process (the default) nothing here changes a run: its batches and steps are those it always had.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import random
 import socket
 import traceback
 from collections.abc import Callable, Sequence
@@ -36,20 +35,14 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def local_batch(batch_size: int) -> int:
-    """This process's share of a batch of `batch_size` rows."""
-    _, size = world()
-    if batch_size % size:
-        raise ValueError(f"A batch of {batch_size} does not split evenly over {size} processes.")
-    return batch_size // size
-
-
-def batch_rngs(key: str) -> tuple[random.Random, random.Random]:
-    """(shared, own) rngs of one step's batch: `shared` draws what every process agrees on (the task kind of a
-    batch), `own` this process's rows. With one process both are the same rng, seeded by `key` as before."""
-    shared = random.Random(key)
+def my_share(rows):
+    """This process's rows of a batch that every process drew alike from the step's rng: every n-th row from its
+    rank on (n processes), so the processes together hold the batch one process would train on. A list, tuple or
+    tensor; all of it in one process."""
     rank, size = world()
-    return shared, (shared if size == 1 else random.Random(f"{key}/rank {rank} of {size}"))
+    if len(rows) % size:
+        raise ValueError(f"A batch of {len(rows)} does not split evenly over {size} processes.")
+    return rows[rank::size]
 
 
 def average_gradients(params: Sequence[torch.Tensor], stop: bool) -> bool:

@@ -43,7 +43,7 @@ from glm.tokenizer import GLMTokenizer
 from multimodal.language import Task, follow_ups, mentioned_classes, rephrase, scene_tasks
 from multimodal.phrasing import is_held_out, perturbed_phrase
 from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, length_groups, train
-from multimodal.training.parallel import batch_rngs, local_batch
+from multimodal.training.parallel import my_share
 from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
 from vlm.adapter import AdapterConfig
 from vlm.convert import load_vlm
@@ -430,9 +430,9 @@ def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, langu
     run = Run(out_dir / "language", KIND, {**meta, "stage": "language", "language_steps": language_steps})
 
     def language_loss(step: int) -> torch.Tensor:
-        shared, rng = batch_rngs(f"vlm-language-{seed}-{step}")
-        kind = sample_kind(shared)
-        tasks = [sample_task(pool.scene(s), kind, rng) for s in pool.batch_seeds(rng, local_batch(batch_size))]
+        rng = random.Random(f"vlm-language-{seed}-{step}")
+        kind = sample_kind(rng)
+        tasks = my_share([sample_task(pool.scene(s), kind, rng) for s in pool.batch_seeds(rng, batch_size)])
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=False)
         inputs = processor.layout(rows, 0).to(device)
         logits = model(inputs.input_ids, positions=inputs.positions, attention_mask=inputs.attention_mask)
@@ -456,8 +456,8 @@ def _language_and_tower(out_dir: Path, tokenizer: GLMTokenizer, seed: int, langu
     run = Run(out_dir / "tower", KIND, {**meta, "stage": "tower", "tower_steps": tower_steps})
 
     def tower_loss(step: int) -> torch.Tensor:
-        _, rng = batch_rngs(f"vlm-tower-{seed}-{step}")
-        seeds = pool.batch_seeds(rng, local_batch(batch_size))
+        rng = random.Random(f"vlm-tower-{seed}-{step}")
+        seeds = my_share(pool.batch_seeds(rng, batch_size))
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]).to(device), config)  # [B, 3, S, S]
         return head.loss(model.vision(pixels), [pool.scene(s) for s in seeds])
 
@@ -495,11 +495,13 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
     processor = Processor(tokenizer, config, pad_id=tokenizer.pad_id)
 
     def vision_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        shared, rng = batch_rngs(f"vlm-vision-{seed}-{step}")
-        kind = sample_kind(shared)  # one kind per batch in every process: rows of one kind pad least
-        seeds = pool.batch_seeds(rng, local_batch(batch_size))
+        rng = random.Random(f"vlm-vision-{seed}-{step}")
+        kind = sample_kind(rng)
+        seeds = pool.batch_seeds(rng, batch_size)
         scenes = [pool.scene(s) for s in seeds]
         tasks, histories = zip(*(sample_conversation(scene, kind, rng) for scene in scenes))
+        # a data-parallel process's share of the rows (`multimodal.training.parallel`)
+        seeds, scenes, tasks, histories = (my_share(rows) for rows in (seeds, scenes, tasks, histories))
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True, histories=histories)
         pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config).to(device)  # [B, 3, S, S]
         features = model.vision(pixels)  # [B, g*g, W]
