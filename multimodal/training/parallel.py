@@ -1,11 +1,12 @@
 """Data-parallel training over processes on one CPU (`torch.distributed`, gloo on loopback).
 
 At the embedded models' sizes a training step is hundreds of small ops, and a second thread inside each op buys
-little. Two processes of one thread each, each with its share of every batch, use both cores: every process draws the
-step's whole batch from the step's rng, as one process would, keeps its share of the rows (`my_share`), computes their
-loss and gradients, and one all-reduce averages the gradients, so every process takes the same optimizer step and
-holds the same weights. The first process logs and saves; a resumed run continues
-from its checkpoint in every process.
+less than a second core could give. Two processes of one thread each are the other way to use both cores: every
+process draws the step's whole batch from the step's rng, as one process would, keeps its share of the rows
+(`my_share`), computes their loss and gradients, and one all-reduce averages the gradients, so every process takes
+the same optimizer step and holds the same weights. The first process logs and saves; a resumed run continues from
+its checkpoint in every process. Which way is faster depends on the model: `multimodal bench train MODEL
+--processes 1,2` measures both.
 
 With one process (the default) nothing here changes a run: its batches and steps are those it always had.
 """
