@@ -164,15 +164,13 @@ def run(args: argparse.Namespace) -> int:
 
     from multimodal.assets import load_world_tokenizer
     from multimodal.training.loop import default_threads, native_bf16
-    from multimodal.training.parallel import launch
+    from multimodal.training.parallel import check_processes, launch
 
     recipe = importlib.import_module(f"multimodal.training.{args.model}").RECIPE
     tokenizer = load_world_tokenizer()
     batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [recipe.fast_batch]
     process_counts = [int(p) for p in args.processes.split(",")]
-    if any(count > 1 for count in process_counts) and (args.model == "judge" or args.device != "cpu"):
-        raise ValueError("--processes is for the vlm and diffusion benches on the CPU (the judge's contrastive loss "
-                         "needs its whole batch in one process).")
+    check_processes(args.model, args.device, max(process_counts))
     loops = [("reference", None, args.reference_threads, 1)] + [
         ("fast", batch, args.threads or max(1, default_threads() // count), count)
         for batch in batches for count in process_counts]

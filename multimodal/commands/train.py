@@ -4,7 +4,8 @@ and evaluates the result.
 
 Runs resume from their folder (`--out`), print progress (each loss component, samples/s, and for the diffusion
 models how much the prompt lowers the loss), and use every core by default (`--threads 1` lets jobs share a CPU;
-`--processes 2` runs the VLM or the DiTs as two data-parallel processes, which uses two cores better than two threads).
+`--processes 2` runs the VLM or the DiTs as two data-parallel processes instead of two threads; `multimodal bench
+train MODEL --processes 1,2` measures which is faster).
 The loop runs in bf16 autocast where the CPU (or GPU) has native bf16, on scenes and text states cached once
 (`multimodal bench train` measures it against the float32 loop it replaced, `--loop reference`).
 `export` reads `--runs DIR` (its vlm/, diffusion/ and judge/ runs) and writes the suite to `--out`
@@ -95,11 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.processes == 1:
         path = train_model(args)
     else:
-        from multimodal.training.parallel import launch
+        from multimodal.training.parallel import check_processes, launch
 
-        if args.model not in ("vlm", "diffusion") or args.device != "cpu":
-            raise ValueError(f"--processes is for vlm and diffusion training on the CPU, not {args.model} on "
-                             f"{args.device} (the judge's contrastive loss needs its whole batch in one process).")
+        check_processes(args.model, args.device, args.processes)
         threads = args.threads or max(1, default_threads() // args.processes)
         path = launch(train_model, args.processes, threads, args)
     print(f"saved {path}")

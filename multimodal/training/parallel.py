@@ -36,6 +36,16 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+PARALLEL_MODELS = ("vlm", "diffusion")  # the judge's contrastive loss needs its whole batch in one process
+
+
+def check_processes(model: str, device: str, processes: int) -> None:
+    """Refuse data-parallel processes where they do not apply, in one sentence."""
+    if processes > 1 and (model not in PARALLEL_MODELS or device != "cpu"):
+        raise ValueError(f"--processes is for vlm and diffusion training on the CPU, not {model} on {device} (the "
+                         "judge's contrastive loss needs its whole batch in one process).")
+
+
 def my_share(rows):
     """This process's rows of a batch that every process drew alike from the step's rng: every n-th row from its
     rank on (n processes), so the processes together hold the batch one process would train on. A list, tuple or
