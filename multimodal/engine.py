@@ -184,7 +184,8 @@ class Engine:
                                       (vlm_folder / "tokenizer.model").exists() else folder)
         painter = None
         if (folder / DIFFUSION_FOLDER).is_dir():
-            painter = loading.painter(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, tokenizer))
+            prompts = painter_tokenizer(folder / DIFFUSION_FOLDER) or tokenizer
+            painter = loading.painter(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, prompts))
         name = EMBEDDED_NAME if checkpoint is None else folder.resolve().name
         return cls.from_parts(VLMChat(model, tokenizer), painter, name)
 
@@ -363,6 +364,17 @@ def _chat_only_family(folder: Path) -> str | None:
     text = values.get("kind") == "glm" or (values.get("model_type") in ("chatglm", "glm")
                                              and "vision_config" not in values)
     return "glm" if text else None
+
+
+def painter_tokenizer(pipeline_folder: Path):
+    """The tokenizer a relay pipeline folder records for its prompts (the one its DiTs were trained on, which may
+    cut Chinese text differently from the chat model's), or None where it records none."""
+    from diffusion.pipeline import PIPELINE_KIND
+    from glm.tokenizer import GLMTokenizer
+    from multimodal.checkpoint import read_native_config
+
+    recorded = read_native_config(pipeline_folder, kind=PIPELINE_KIND).get("text_encoder", {}).get("tokenizer")
+    return GLMTokenizer.load(pipeline_folder / recorded) if recorded and (pipeline_folder / recorded).exists() else None
 
 
 class _Loading:

@@ -4,6 +4,8 @@ auxiliary vision losses."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -11,12 +13,15 @@ from diffusion.text_encoder import GLMTextEncoder
 from multimodal.assets import load_world_tokenizer
 from multimodal.checkpoint import read_native_config
 from multimodal.language import scene_tasks
+from multimodal.training.data import drawn_look
+from multimodal.training.loop import TrainScenes
 from multimodal.training.vlm import (
     GROWN_LAYERS,
     MIN_SPREAD,
     RECIPE,
     PatchDetectionHead,
     answer_rows,
+    drawn_look_seed,
     grow,
     is_text_encoder_parameter,
     lookup_attention,
@@ -30,7 +35,7 @@ from multimodal.training.vlm import (
     train_vlm,
     world_vlm_config,
 )
-from multimodal.world import CLASSES, make_scene, split_seeds
+from multimodal.world import CLASSES, DRAWING, make_scene, split_seeds
 from vlm.convert import load_vlm
 from vlm.model import VisionLanguageModel
 from vlm.processor import Processor
@@ -166,6 +171,27 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     torch.testing.assert_close(read_state_dict(suite / "vlm" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"],
                                read_state_dict(more / "vlm" / "model" / NATIVE_WEIGHTS)["layers.4.attn.qkv.weight"])
     assert load_relay_pipeline(suite / "diffusion").base is not None
+
+    # The VLM's run keeps the tokenizer it was trained on and the suite's VLM reads with it; the painter keeps the
+    # one its pipeline records (the suite's), however the VLM's cuts Chinese text.
+    from multimodal.engine import Engine
+    from multimodal.training.tokenizer import with_name_pieces
+
+    assert (more / "vlm" / "model" / "tokenizer.json").read_text() == tokenizer_file.read_text()
+    with_name_pieces(tokenizer_file, more / "vlm" / "model" / "tokenizer.json")
+    export_suite(more, tokenizer_file, suite)
+    engine = Engine.load(suite)
+    question = "出租车在哪里？"
+    chat_pieces = [engine.chat_model.tokenizer.decode([i]) for i in engine.chat_model.tokenizer.encode(question)]
+    assert chat_pieces == ["出租车", "在哪里", "？"]
+    painted = engine.painter.text_encoder.tokenize(question)
+    assert painted == list(tokenizer.prefix()) + tokenizer.encode(question)
+    assert tokenizer.encode(question) != engine.chat_model.tokenizer.encode(question)
+    (more / "vlm" / "model" / "tokenizer.json").unlink()
+    export_suite(more, tokenizer_file, suite)  # a VLM trained on the suite's tokenizer leaves no other behind
+    assert not (suite / "vlm" / "tokenizer.json").exists()
+    assert Engine.load(suite).chat_model.tokenizer.encode(question) == tokenizer.encode(question)
+
     other = tmp_path / "other"
     train_vlm(other / "vlm", tokenizer, seed=1, steps=1, language_steps=1, tower_steps=1, settings=VLM_LOOP, scenes=4)
     with pytest.raises(ValueError, match="another text encoder"):
@@ -501,3 +527,30 @@ def test_a_row_that_would_outgrow_the_context_drops_its_oldest_earlier_turns():
 
 def _contains(ids: list, part: list) -> bool:
     return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_the_drawn_look_breaks_up_objects_and_leaves_the_background():
+    scene_seed = split_seeds("train", 50)[7]
+    clean = TrainScenes(0, 64, DRAWING).pixels(scene_seed)  # [3, 64, 64] uint8
+    looked = drawn_look(clean, 5)
+    assert looked.shape == clean.shape and looked.dtype == torch.uint8
+    assert torch.equal(looked, drawn_look(clean, 5)) and not torch.equal(looked, drawn_look(clean, 6))
+    background = clean[:, :1, :1].float()
+    on_objects = (clean.float() - background).abs().amax(0) > 0.1 * 255  # [64, 64]
+    change = (looked.float() - clean.float()).abs().amax(0)  # [64, 64]
+    assert on_objects.float().mean() > 0.1
+    # the background keeps its colour up to grain and the channel shift; the objects change far more
+    assert change[~on_objects].mean() < 40 and change[on_objects].mean() > 2 * change[~on_objects].mean()
+
+
+def test_only_drawing_scenes_get_the_drawn_look_at_its_share():
+    rng = random.Random(0)
+    keys = [(index % 2, seed) for index, seed in enumerate(range(4000))]
+    seeds = [drawn_look_seed(key, rng, share=0.5) for key in keys]
+    assert all(seed is None for (pool, _), seed in zip(keys, seeds) if pool == 0)
+    drawn = [seed for (pool, _), seed in zip(keys, seeds) if pool == 1]
+    assert abs(sum(seed is not None for seed in drawn) / len(drawn) - 0.5) < 0.05
+    # every row draws the same randomness whatever its pool, so the rows after it do not depend on it
+    first, second = random.Random(1), random.Random(1)
+    drawn_look_seed((0, 3), first), drawn_look_seed((1, 3), second)
+    assert first.random() == second.random()

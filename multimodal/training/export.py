@@ -1,8 +1,8 @@
 """Export trained runs as a suite folder (the layout `Engine.load` and `multimodal eval` read), e.g. the shipped
 `multimodal/assets/`:
 
-    tokenizer.json          the world tokenizer
-    vlm/                    the VLM (native, kind "vlm")
+    tokenizer.json          the world tokenizer (the painter's and the judge's)
+    vlm/                    the VLM (native, kind "vlm"), with its own tokenizer.json where it was trained on another
     diffusion/              the relay pipeline: config.json, base/, relay/ (text encoder: the VLM's GLM core)
     diffusion/single/       the single-stage 64x64 baseline, used only by `multimodal eval draw`
     judge/                  the judge (kind "judge")
@@ -46,6 +46,13 @@ def export_suite(runs: Path, tokenizer: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if "vlm" in present:
         save_vlm(vlm, out_dir / "vlm")
+        # the chat model's own tokenizer, where its run was trained on another than the suite's (see
+        # `multimodal.training.tokenizer.name_pieces`); the painter keeps the one its pipeline records
+        trained_on, chat_tokenizer = runs / "vlm" / "model" / "tokenizer.json", out_dir / "vlm" / "tokenizer.json"
+        if trained_on.exists():
+            shutil.copyfile(trained_on, chat_tokenizer)
+        else:
+            chat_tokenizer.unlink(missing_ok=True)
     if "diffusion" in present:
         _export_diffusion(runs / "diffusion", out_dir / "diffusion")
     if "judge" in present:

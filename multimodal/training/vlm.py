@@ -42,6 +42,7 @@ from glm.model import GLMConfig, apply_rotary, attention_mask_for
 from glm.tokenizer import GLMTokenizer
 from multimodal.language import Task, follow_ups, mentioned_classes, rephrase, scene_tasks
 from multimodal.phrasing import is_held_out, perturbed_phrase
+from multimodal.training.data import drawn_look
 from multimodal.training.loop import LoopRecipe, LoopSettings, MixedScenes, Run, TrainScenes, length_groups, train
 from multimodal.training.parallel import my_share
 from multimodal.world import CLASSES, COLOURS, DRAWING, Scene
@@ -64,6 +65,7 @@ FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked afte
 BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn before ("What is it wearing?")
 CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
+DRAWN_LOOK_SHARE = 0.5  # of those, shown with the painter's faults (`drawn_look`), as the VLM sees its drawings
 PERTURBED_SHARE = 0.3  # questions edited once (a filler word, a wrapper, a word dropped) for unseen wordings
 CHINESE_SHARE = 0.6  # rows asked in Chinese: its follow-ups and unseen wordings trail the English ones
 
@@ -485,6 +487,14 @@ def vision_pool(scenes: int, image_size: int, cached: bool, drawing_share: float
     return MixedScenes(pools, [1 - drawing_share, drawing_share])
 
 
+def drawn_look_seed(key: tuple[int, int], rng: random.Random, share: float = DRAWN_LOOK_SHARE) -> int | None:
+    """The seed of `drawn_look` for a scene of `vision_pool` (a (pool, seed) key), or None to show it clean: only
+    drawing-world scenes (pool 1), `share` of them. Drawn for every row before the rows are shared out, so that
+    data-parallel processes see what one process would."""
+    pick, look_seed = rng.random(), rng.getrandbits(31)
+    return look_seed if key[0] == 1 and pick < share else None
+
+
 def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool,
                      seed: int, batch_size: int, device: str = "cpu", groups: int = 1):
     """step -> (loss, components) on the vision stage's batch of that step: the answer, detection, spread, lookup
@@ -500,10 +510,13 @@ def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer
         seeds = pool.batch_seeds(rng, batch_size)
         scenes = [pool.scene(s) for s in seeds]
         tasks, histories = zip(*(sample_conversation(scene, kind, rng) for scene in scenes))
+        looks = [drawn_look_seed(key, rng) for key in seeds]
         # a data-parallel process's share of the rows (`multimodal.training.parallel`)
-        seeds, scenes, tasks, histories = (my_share(rows) for rows in (seeds, scenes, tasks, histories))
+        seeds, scenes, tasks, histories, looks = (my_share(rows) for rows in (seeds, scenes, tasks, histories, looks))
         rows, lengths = answer_rows(processor, tokenizer, tasks, with_image=True, histories=histories)
-        pixels = _normalize(torch.stack([pool.pixels(s) for s in seeds]), config).to(device)  # [B, 3, S, S]
+        images = [pool.pixels(key) if look is None else drawn_look(pool.pixels(key), look)
+                  for key, look in zip(seeds, looks)]
+        pixels = _normalize(torch.stack(images), config).to(device)  # [B, 3, S, S]
         features = model.vision(pixels)  # [B, g*g, W]
         image_embeds = model.adapter(features)  # [B, n, H]: boi, patches, eoi
         patches = image_embeds[:, 1:-1]  # [B, n - 2, H]
@@ -559,6 +572,8 @@ def _vision_stage(out_dir: Path, model: VisionLanguageModel, head: PatchDetectio
     vision = [p for p in model.parameters() if p.requires_grad] + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision, lr=settings.lr, weight_decay=0.01)
     run = Run(out_dir, KIND, {**meta, "stage": "vision", "text_encoder_fingerprint": fingerprint})
+    run.model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run.model_dir / "tokenizer.json")  # what the exported VLM reads its text with
     step_loss = vision_step_loss(model, heads, tokenizer, pool, seed, settings.batch_size, device, settings.groups)
     train(run, model, optimizer, settings.schedule(steps, WARMUP_SAMPLES), step_loss, minutes=minutes, extra=heads,
           runtime=settings.runtime, batch_size=settings.batch_size)
