@@ -77,3 +77,15 @@ def test_a_tokenizer_trained_with_the_rule_never_learns_a_name_joined_to_its_que
     assert [t for t in chinese_texts(8) if names_cut_across(tokenizer, t)] == []
     assert not any(NAMES.search(token) and not NAMES.fullmatch(token)
                    for token in (tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())))
+
+
+def test_the_train_command_gives_a_tokenizer_the_rule_or_says_it_is_missing(tmp_path, capsys):
+    from multimodal.cli import main
+
+    out = tmp_path / "vlm" / "tokenizer.json"
+    assert main(["train", "tokenizer", "--tokenizer", str(asset_path("tokenizer.json")), "--out", str(out)]) == 0
+    ruled = Tokenizer.from_file(str(out))
+    assert names_cut_across(ruled, "出租车在哪里？") == [] and ruled.get_vocab() == Tokenizer.from_file(
+        str(asset_path("tokenizer.json"))).get_vocab()
+    assert main(["train", "tokenizer", "--tokenizer", str(tmp_path / "none.json"), "--out", str(out)]) != 0
+    assert "none.json does not exist" in capsys.readouterr().err

@@ -39,7 +39,9 @@ def register(subparsers) -> None:
                         help="samples per step (default: the model's; the learning rate scales linearly with it)")
     parser.add_argument("--loop", choices=["fast", "reference"], default="fast",
                         help="reference: the float32 eager loop without caches (for comparisons)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the shipped one)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (default: the shipped one); tokenizer: give this one the rule that cuts "
+                             "Chinese object names out as pieces (same vocabulary) rather than training one")
     parser.add_argument("--text-encoder", default=None,
                         help="diffusion: the VLM run whose frozen GLM core encodes prompts (default: the shipped VLM)")
     parser.add_argument("--lr", type=float, default=None,
@@ -66,9 +68,15 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or default_threads())  # (a missing --device is refused by cli.check_device)
     out = Path(args.out) if args.out else Path("runs") / args.model
     if args.model == "tokenizer":
-        from multimodal.training.tokenizer import save_tokenizer, train_tokenizer
+        from multimodal.training.tokenizer import save_tokenizer, train_tokenizer, with_name_pieces
 
-        path = save_tokenizer(train_tokenizer(), out if out.suffix == ".json" else out / "tokenizer.json")
+        out = out if out.suffix == ".json" else out / "tokenizer.json"
+        if args.tokenizer:
+            if not Path(args.tokenizer).is_file():
+                raise FileNotFoundError(f"The tokenizer {args.tokenizer} does not exist.")
+            path = with_name_pieces(args.tokenizer, out)
+        else:
+            path = save_tokenizer(train_tokenizer(), out)
         print(f"saved {path}")
         return 0
 
