@@ -89,3 +89,16 @@ def test_the_train_command_gives_a_tokenizer_the_rule_or_says_it_is_missing(tmp_
         str(asset_path("tokenizer.json"))).get_vocab()
     assert main(["train", "tokenizer", "--tokenizer", str(tmp_path / "none.json"), "--out", str(out)]) != 0
     assert "none.json does not exist" in capsys.readouterr().err
+
+
+def test_the_shipped_vlm_reads_with_the_rule_and_the_painter_without(tmp_path):
+    """The VLM's copy is the world tokenizer given the rule; the painter and the judge keep the world tokenizer their
+    weights were trained on, as the pipeline records."""
+    import json
+
+    shipped = Tokenizer.from_file(str(asset_path("vlm/tokenizer.json")))
+    expected = Tokenizer.from_file(str(with_name_pieces(asset_path("tokenizer.json"), tmp_path / "ruled.json")))
+    assert shipped.get_vocab() == expected.get_vocab()
+    assert all(shipped.encode(t).ids == expected.encode(t).ids for t in chinese_texts(5))
+    recorded = json.loads((asset_path("diffusion") / "config.json").read_text())["text_encoder"]["tokenizer"]
+    assert (asset_path("diffusion") / recorded).resolve() == asset_path("tokenizer.json").resolve()
