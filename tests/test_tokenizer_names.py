@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
+import pytest
 from tokenizers import Tokenizer, pre_tokenizers
 
 from multimodal.assets import asset_path
@@ -102,3 +104,19 @@ def test_the_shipped_vlm_reads_with_the_rule_and_the_painter_without(tmp_path):
     assert all(shipped.encode(t).ids == expected.encode(t).ids for t in chinese_texts(5))
     recorded = json.loads((asset_path("diffusion") / "config.json").read_text())["text_encoder"]["tokenizer"]
     assert (asset_path("diffusion") / recorded).resolve() == asset_path("tokenizer.json").resolve()
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_vlm_continued_from_a_folder_reads_with_its_own_tokenizer(tmp_path, monkeypatch, own):
+    import multimodal.training.vlm as recipe
+    from multimodal.cli import main
+
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    if own:
+        with_name_pieces(asset_path("tokenizer.json"), folder / "tokenizer.json")
+    seen = []
+    monkeypatch.setattr(recipe, "train_vlm", lambda out, tokenizer, **_: seen.append(tokenizer) or Path(out))
+    assert main(["train", "vlm", "--init", str(folder), "--out", str(tmp_path / "run"), "--steps", "1"]) == 0
+    pieces = [seen[0].decode([i]) for i in seen[0].encode("出租车在哪里？")]
+    assert (pieces == ["出租车", "在哪里", "？"]) == own

@@ -548,6 +548,7 @@ def test_only_drawing_scenes_get_the_drawn_look_at_its_share():
     keys = [(index % 2, seed) for index, seed in enumerate(range(4000))]
     seeds = [drawn_look_seed(key, rng, share=0.5) for key in keys]
     assert all(seed is None for (pool, _), seed in zip(keys, seeds) if pool == 0)
+    assert all(drawn_look_seed(seed, rng, share=1.0) is None for seed in range(50))  # a single pool's plain seeds
     drawn = [seed for (pool, _), seed in zip(keys, seeds) if pool == 1]
     assert abs(sum(seed is not None for seed in drawn) / len(drawn) - 0.5) < 0.05
     # every row draws the same randomness whatever its pool, so the rows after it do not depend on it

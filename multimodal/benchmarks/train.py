@@ -60,7 +60,7 @@ class Bench:
 def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> Bench:
     import torch
 
-    from multimodal.assets import asset_path
+    from multimodal.assets import asset_path, load_world_tokenizer
     from multimodal.training.loop import TrainScenes, ValidationScenes
 
     device = settings.runtime.device
@@ -85,6 +85,8 @@ def _setup(model: str, settings, seed: int, tokenizer, scenes: int = 20000) -> B
         from vlm.convert import load_vlm
 
         vlm = load_vlm(asset_path("vlm")).to(device)
+        if (asset_path("vlm") / "tokenizer.json").exists():  # the shipped VLM reads text with its own copy
+            tokenizer = load_world_tokenizer(asset_path("vlm") / "tokenizer.json")
         recipe.freeze_text_encoder(vlm)
         heads = recipe.vision_heads(vlm.vlm_config, recipe.PatchDetectionHead(vlm.vlm_config.vision.width)).to(device)
         size = vlm.vlm_config.vision.image_size

@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--loop", choices=["fast", "reference"], default="fast",
                         help="reference: the float32 eager loop without caches (for comparisons)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json (default: the shipped one); tokenizer: give this one the rule that cuts "
-                             "Chinese object names out as pieces (same vocabulary) rather than training one")
+                        help="tokenizer.json (default: the shipped one; vlm --init: the init folder's own, if it has "
+                             "one); tokenizer: give this one the rule that cuts Chinese object names out as pieces "
+                             "(same vocabulary) rather than training one")
     parser.add_argument("--text-encoder", default=None,
                         help="diffusion: the VLM run whose frozen GLM core encodes prompts (default: the shipped VLM)")
     parser.add_argument("--lr", type=float, default=None,
@@ -117,7 +118,9 @@ def train_model(args: argparse.Namespace) -> Path:
     """One training process of `multimodal train judge|vlm|diffusion`: the run folder's model checkpoint."""
     from multimodal.assets import load_world_tokenizer
 
-    tokenizer = load_world_tokenizer(args.tokenizer)
+    # a VLM continued from a folder reads text as it was trained to, with that folder's own tokenizer if it has one
+    own = Path(args.init) / "tokenizer.json" if args.model == "vlm" and args.init else None
+    tokenizer = load_world_tokenizer(args.tokenizer or (own if own and own.exists() else None))
     out = Path(args.out) if args.out else Path("runs") / args.model
     budget = {"minutes": args.minutes, "scenes": args.scenes} | ({"steps": args.steps} if args.steps else {})
     if args.model == "judge":

@@ -487,12 +487,13 @@ def vision_pool(scenes: int, image_size: int, cached: bool, drawing_share: float
     return MixedScenes(pools, [1 - drawing_share, drawing_share])
 
 
-def drawn_look_seed(key: tuple[int, int], rng: random.Random, share: float = DRAWN_LOOK_SHARE) -> int | None:
+def drawn_look_seed(key: tuple[int, int] | int, rng: random.Random, share: float = DRAWN_LOOK_SHARE) -> int | None:
     """The seed of `drawn_look` for a scene of `vision_pool` (a (pool, seed) key), or None to show it clean: only
-    drawing-world scenes (pool 1), `share` of them. Drawn for every row before the rows are shared out, so that
-    data-parallel processes see what one process would."""
+    drawing-world scenes (pool 1), `share` of them; a single pool's plain seed (a validation pool) stays clean.
+    Drawn for every row before the rows are shared out, so that data-parallel processes see what one process would."""
     pick, look_seed = rng.random(), rng.getrandbits(31)
-    return look_seed if key[0] == 1 and pick < share else None
+    drawing_world = isinstance(key, tuple) and key[0] == 1
+    return look_seed if drawing_world and pick < share else None
 
 
 def vision_step_loss(model: VisionLanguageModel, heads: nn.ModuleDict, tokenizer: GLMTokenizer, pool,
