@@ -37,6 +37,7 @@ class GLMTextEncoder:
     ):
         self.model = model
         self.tokenize = tokenize
+        self.tokenizer = None  # the tokenizer behind `tokenize`, where one was given (`from_tokenizer`)
         self.pad_id = pad_id
         self.max_length = max_length
         self.pad_multiple = pad_multiple
@@ -51,7 +52,9 @@ class GLMTextEncoder:
         def tokenize(prompt: str) -> list[int]:
             return prefix + tokenizer.encode(prompt)
 
-        return cls(model, tokenize, tokenizer.pad_id, **options)
+        encoder = cls(model, tokenize, tokenizer.pad_id, **options)
+        encoder.tokenizer = tokenizer
+        return encoder
 
     @property
     def hidden_size(self) -> int:

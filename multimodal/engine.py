@@ -221,7 +221,9 @@ class Engine:
         return cls.from_parts(VLMChat(model, tokenizer), painter, "random-tiny")
 
     def save(self, folder: str | Path) -> Path:
-        """Write a suite folder that `load` reads: `vlm/` (weights, config, tokenizer) and `diffusion/`."""
+        """Write a suite folder that `load` reads: `vlm/` (weights, config, tokenizer) and `diffusion/`, whose config
+        records the tokenizer its prompts are read with (`tokenizer.json` beside them: it may cut text differently
+        from the chat model's)."""
         from diffusion.pipeline import save_relay_pipeline
         from vlm.convert import save_vlm
 
@@ -229,7 +231,11 @@ class Engine:
         save_vlm(self.chat_model.model, folder / VLM_FOLDER)
         self.chat_model.tokenizer.save(folder / VLM_FOLDER / "tokenizer.json")
         if self.painter is not None:
-            save_relay_pipeline(folder / DIFFUSION_FOLDER, self.painter.base, self.painter.relay, self.painter.config)
+            prompts = self.painter.text_encoder.tokenizer or self.chat_model.tokenizer
+            prompts.save(folder / "tokenizer.json")
+            encoder = {"checkpoint": f"../{VLM_FOLDER}", "format": "vlm", "tokenizer": "../tokenizer.json"}
+            save_relay_pipeline(folder / DIFFUSION_FOLDER, self.painter.base, self.painter.relay, self.painter.config,
+                                encoder)
         return folder
 
     # --- understanding -------------------------------------------------------------------------------------------

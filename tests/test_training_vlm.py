@@ -187,6 +187,9 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     painted = engine.painter.text_encoder.tokenize(question)
     assert painted == list(tokenizer.prefix()) + tokenizer.encode(question)
     assert tokenizer.encode(question) != engine.chat_model.tokenizer.encode(question)
+    saved = Engine.load(engine.save(tmp_path / "saved"))  # a saved engine keeps both
+    assert saved.painter.text_encoder.tokenize(question) == painted
+    assert saved.chat_model.tokenizer.encode(question) == engine.chat_model.tokenizer.encode(question)
     (more / "vlm" / "model" / "tokenizer.json").unlink()
     export_suite(more, tokenizer_file, suite)  # a VLM trained on the suite's tokenizer leaves no other behind
     assert not (suite / "vlm" / "tokenizer.json").exists()
