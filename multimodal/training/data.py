@@ -133,9 +133,9 @@ def drawn_look(pixels: torch.Tensor, seed: int) -> torch.Tensor:
     """A rendered scene ([3, S, S] uint8) given the faults of the painter's 64x64 drawings (`docs/draw-sheet.png`):
     each object pixel taken from a random neighbour a pixel or two away (details break up inside a silhouette that
     holds), dark and stray pixels scattered over the objects, the colours shifted a little and a faint grain. The
-    VLM judges those drawings (`multimodal eval draw`) but learns on clean renders, where it names what it sees far
-    more often (0.955 of the renders against 0.695 of the drawings); seeing the faults in training teaches it to
-    look past them."""
+    VLM judges those drawings (`multimodal eval draw`); trained on clean renders alone, its captions named every
+    object in 0.955 of the renders but 0.695 of the drawings, and with half its drawing-world scenes given this look,
+    0.970 and 0.765."""
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(low: float, high: float) -> float:
