@@ -380,7 +380,12 @@ def painter_tokenizer(pipeline_folder: Path):
     from multimodal.checkpoint import read_native_config
 
     recorded = read_native_config(pipeline_folder, kind=PIPELINE_KIND).get("text_encoder", {}).get("tokenizer")
-    return GLMTokenizer.load(pipeline_folder / recorded) if recorded and (pipeline_folder / recorded).exists() else None
+    if recorded is None:
+        return None
+    if not (pipeline_folder / recorded).exists():
+        raise EngineError(f"The text-to-image model in {pipeline_folder} reads prompts with {recorded}, which is "
+                          f"missing; copy the suite's tokenizer.json back beside it.")
+    return GLMTokenizer.load(pipeline_folder / recorded)
 
 
 class _Loading:

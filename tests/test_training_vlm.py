@@ -174,7 +174,7 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
 
     # The VLM's run keeps the tokenizer it was trained on and the suite's VLM reads with it; the painter keeps the
     # one its pipeline records (the suite's), however the VLM's cuts Chinese text.
-    from multimodal.engine import Engine
+    from multimodal.engine import Engine, EngineError
     from multimodal.training.tokenizer import with_name_pieces
 
     assert (more / "vlm" / "model" / "tokenizer.json").read_text() == tokenizer_file.read_text()
@@ -190,6 +190,9 @@ def test_diffusion_run_exports_its_moving_average_and_refuses_another_text_encod
     saved = Engine.load(engine.save(tmp_path / "saved"))  # a saved engine keeps both
     assert saved.painter.text_encoder.tokenize(question) == painted
     assert saved.chat_model.tokenizer.encode(question) == engine.chat_model.tokenizer.encode(question)
+    (tmp_path / "saved" / "tokenizer.json").unlink()
+    with pytest.raises(EngineError, match="reads prompts with ../tokenizer.json, which is missing"):
+        Engine.load(tmp_path / "saved")
     (more / "vlm" / "model" / "tokenizer.json").unlink()
     export_suite(more, tokenizer_file, suite)  # a VLM trained on the suite's tokenizer leaves no other behind
     assert not (suite / "vlm" / "tokenizer.json").exists()
