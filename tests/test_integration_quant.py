@@ -81,6 +81,7 @@ def test_a_checkpoint_from_multimodal_quantize_loads_through_the_engine_and_grou
     assert main(["quantize", str(suite / "vlm"), str(quantized / "vlm"), "--quant", "int8"]) == 0
     assert (quantized / "vlm" / "tokenizer.json").read_bytes() == (suite / "vlm" / "tokenizer.json").read_bytes()
     shutil.copytree(suite / "diffusion", quantized / "diffusion")
+    shutil.copy(suite / "tokenizer.json", quantized / "tokenizer.json")  # the painter's, as its config records
     loaded = Engine.load(quantized)
     twin = quantized_twin(engine, QuantSpec("int8"))
     assert sum(isinstance(m, QUANTIZED) for m in loaded.chat_model.model.modules()) > 10
