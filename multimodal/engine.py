@@ -180,11 +180,14 @@ class Engine:
         if (folder / DIFFUSION_FOLDER).is_dir():
             loading.keep_text_encoder_in_float(vlm_folder)
         model = loading.decode_ready(loading.vlm(vlm_folder))
-        tokenizer = GLMTokenizer.load(vlm_folder if (vlm_folder / "tokenizer.json").exists() or
-                                      (vlm_folder / "tokenizer.model").exists() else folder)
+        chat_folder = vlm_folder if (vlm_folder / "tokenizer.json").exists() or \
+            (vlm_folder / "tokenizer.model").exists() else folder
+        tokenizer = GLMTokenizer.load(chat_folder)
         painter = None
         if (folder / DIFFUSION_FOLDER).is_dir():
-            prompts = painter_tokenizer(folder / DIFFUSION_FOLDER) or tokenizer
+            recorded = painter_tokenizer_path(folder / DIFFUSION_FOLDER)
+            same = recorded is None or recorded.resolve() == (chat_folder / "tokenizer.json").resolve()
+            prompts = tokenizer if same else GLMTokenizer.load(recorded)
             painter = loading.painter(folder / DIFFUSION_FOLDER, GLMTextEncoder.from_tokenizer(model, prompts))
         name = EMBEDDED_NAME if checkpoint is None else folder.resolve().name
         return cls.from_parts(VLMChat(model, tokenizer), painter, name)
@@ -372,11 +375,10 @@ def _chat_only_family(folder: Path) -> str | None:
     return "glm" if text else None
 
 
-def painter_tokenizer(pipeline_folder: Path):
-    """The tokenizer a relay pipeline folder records for its prompts (the one its DiTs were trained on, which may
-    cut Chinese text differently from the chat model's), or None where it records none."""
+def painter_tokenizer_path(pipeline_folder: Path) -> Path | None:
+    """The tokenizer file a relay pipeline folder records for its prompts (the one its DiTs were trained on, which
+    may cut Chinese text differently from the chat model's), or None where it records none."""
     from diffusion.pipeline import PIPELINE_KIND
-    from glm.tokenizer import GLMTokenizer
     from multimodal.checkpoint import read_native_config
 
     recorded = read_native_config(pipeline_folder, kind=PIPELINE_KIND).get("text_encoder", {}).get("tokenizer")
@@ -385,7 +387,7 @@ def painter_tokenizer(pipeline_folder: Path):
     if not (pipeline_folder / recorded).exists():
         raise EngineError(f"The text-to-image model in {pipeline_folder} reads prompts with {recorded}, which is "
                           f"missing; copy the suite's tokenizer.json back beside it.")
-    return GLMTokenizer.load(pipeline_folder / recorded)
+    return pipeline_folder / recorded
 
 
 class _Loading:

@@ -7,10 +7,11 @@ on every task text of the first train scenes, in English and Chinese.
 Every Chinese object name is cut out as its own piece before BPE (`name_pieces`), so no token joins a name to the
 words around it. Trained without that rule on the world's one Chinese template per question, BPE had merged whole
 questions into single tokens ("出租车在哪里", "图中有几只狗"): the frozen text encoder then carried the object
-only inside that token's embedding, and those wordings were the VLM's weakest (Chinese grounding 0.59 in
-"X在哪里？" against 0.85-0.90 in every other training phrasing). The shipped `tokenizer.json` predates the rule and
+only inside that token's embedding, and the world's own wording was the VLM's weakest (canonical Chinese grounding
+0.593 on val against 0.967 in English; 0.793 with the rule alone). The shipped `tokenizer.json` predates the rule and
 stays as it was, since the DiTs and the judge were trained on its cuts (given the rule, their Chinese prompts drew
-all objects in 0.25 of val drawings against 0.81); the VLM's copy in `vlm/tokenizer.json` has it (`with_name_pieces`).
+all objects in 0.250 of val drawings against 0.810); the VLM's copy in `vlm/tokenizer.json` has it
+(`with_name_pieces`). Measured in the README's last-leg notes, with the commands.
 """
 
 from __future__ import annotations
