@@ -264,6 +264,8 @@ WRAPPERS = {
            (" Thanks.", " Please.", " Thank you!", " Quickly.")),
     "zh": (("请问，", "麻烦你，", "看这张图，", "问一下，", "你好，", "那么，"), ("谢谢。", "谢谢！", "麻烦了。")),
 }
+EDIT_COUNTS = ((1, 0.5), (2, 0.3), (3, 0.2))  # (edits, weight): a held-out wording is often several edits away
+SPLICE_SHARE = 0.3  # edited wordings that start by joining two phrasings of the form
 CJK = (0x4E00, 0x9FA5)  # the unified ideographs: most are unknown to the world's tokenizer
 SLOT = re.compile(r"(\{[a-z_]+\})")
 
@@ -290,11 +292,12 @@ def _question_words(lang: str) -> tuple[str, ...]:
 
 
 def _filler(lang: str, rng: random.Random) -> str:
-    """A word the edit puts in: one of the language's own question words, or one the world never uses."""
+    """A word the edit puts in: one of the language's own question words, or one the world never uses (in Chinese
+    a run of one to three characters: an unknown verb is mostly two)."""
     if rng.random() < 0.5:
         return rng.choice(_question_words(lang))
     if lang == "zh":
-        return chr(rng.randint(*CJK))
+        return "".join(chr(rng.randint(*CJK)) for _ in range(rng.choices((1, 2, 3), weights=(0.4, 0.4, 0.2))[0]))
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
 
 
@@ -334,10 +337,43 @@ def perturb(template: str, lang: str, rng: random.Random) -> str:
     return text[:1].upper() + text[1:] if lang == "en" else text
 
 
+def splice(first: str, second: str, lang: str, rng: random.Random) -> str:
+    """The head of `first` joined to the tail of `second`, two phrasings of one form: cut at a shared slot when both
+    name the same slots in the same order ("Where is {thing}" + "{thing} in the image?"), else at any word boundary
+    of a phrasing without slots; `first` unchanged where the two cannot be joined."""
+    first_pieces, second_pieces = _pieces(first, lang), _pieces(second, lang)
+    slots = [piece for piece in first_pieces if SLOT.fullmatch(piece)]
+    if slots != [piece for piece in second_pieces if SLOT.fullmatch(piece)]:
+        return first
+    if slots:
+        k = rng.randrange(len(slots))
+        cut_first = [i for i, piece in enumerate(first_pieces) if SLOT.fullmatch(piece)][k] + 1
+        cut_second = [i for i, piece in enumerate(second_pieces) if SLOT.fullmatch(piece)][k] + 1
+    else:
+        first_words = [i for i, piece in enumerate(first_pieces) if _is_word(piece)]
+        second_words = [i for i, piece in enumerate(second_pieces) if _is_word(piece)]
+        cut_first = rng.choice(first_words[1:] or [len(first_pieces)])
+        cut_second = rng.choice(second_words[1:] or [0])
+    tail = "".join(second_pieces[cut_second:])
+    head = "".join(first_pieces[:cut_first])
+    if lang == "en" and head and tail and not head.endswith(" ") and tail[0].isalnum():
+        head += " "
+    text = head + (tail[:1].lower() + tail[1:] if lang == "en" and head and not tail.startswith("I") else tail)
+    return text or first
+
+
 def perturbed_phrase(form: str, lang: str, slots: dict[str, str], rng: random.Random) -> str:
-    """A training phrasing of `form` with one edit (`perturb`), slots filled in; never a held-out sentence."""
+    """A training phrasing of `form` edited one to three times (`EDIT_COUNTS`): with `SPLICE_SHARE` the first edit
+    joins it to another of its form's training phrasings (`splice`), the others are `perturb` edits; slots filled
+    in, never a held-out sentence."""
+    train = PHRASINGS[form][lang].train
     while True:
-        prompt = perturb(rng.choice(PHRASINGS[form][lang].train), lang, rng).format(**slots)
+        template, edits = rng.choice(train), rng.choices(*zip(*EDIT_COUNTS))[0]
+        if rng.random() < SPLICE_SHARE:
+            template, edits = splice(template, rng.choice(train), lang, rng), edits - 1
+        for _ in range(edits):
+            template = perturb(template, lang, rng)
+        prompt = template.format(**slots)
         if not is_held_out(form, lang, prompt, slots):
             return prompt
 
