@@ -257,7 +257,7 @@ PHRASINGS: dict[str, dict[str, Phrasings]] = {
     },
 }
 
-# Perturbed wordings: a training phrasing with one edit that keeps its slots, so that the model learns to read a
+# Perturbed wordings: a training phrasing with edits that keep its slots, so that the model learns to read a
 # question it has never seen word for word (the held-out phrasings) from its content words rather than its frame.
 WRAPPERS = {
     "en": (("Please, ", "Hey, ", "Okay, ", "Quick question: ", "Look at the picture. ", "One more thing: ", "So, "),
@@ -302,7 +302,7 @@ def _filler(lang: str, rng: random.Random) -> str:
 
 
 def perturb(template: str, lang: str, rng: random.Random) -> str:
-    """`template` with one edit: a polite or context wrapper, or a word (en) or character (zh) inserted, replaced
+    """`template` with one edit: a polite or context wrapper, or a word (en) or characters (zh) inserted, replaced
     or dropped; slots and punctuation are never touched."""
     edit = rng.choices(("wrap", "insert", "replace", "drop"), weights=(0.35, 0.3, 0.2, 0.15))[0]
     if edit == "wrap":

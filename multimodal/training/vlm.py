@@ -66,7 +66,7 @@ BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn bef
 CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 DRAWN_LOOK_SHARE = 0.5  # of those, shown with the painter's faults (`drawn_look`), as the VLM sees its drawings
-PERTURBED_SHARE = 0.3  # questions edited once (a filler word, a wrapper, a word dropped) for unseen wordings
+PERTURBED_SHARE = 0.3  # questions edited one to three times (a splice, a filler word, a wrapper) for unseen wordings
 CHINESE_SHARE = 0.6  # rows asked in Chinese: its follow-ups and unseen wordings trail the English ones
 
 
@@ -112,9 +112,9 @@ def sample_kind(rng: random.Random) -> str:
 
 
 def trained_wording(task: Task, rng: random.Random) -> Task:
-    """The task in a training phrasing picked by `rng`, with `PERTURBED_SHARE` of them edited once
-    (`multimodal.phrasing.perturb`); asserts that it is no held-out sentence, as `TrainScenes` asserts the split of
-    its seeds, so no held-out phrasing can reach a gradient."""
+    """The task in a training phrasing picked by `rng`, with `PERTURBED_SHARE` of them edited
+    (`multimodal.phrasing.perturbed_phrase`); asserts that it is no held-out sentence, as `TrainScenes` asserts the
+    split of its seeds, so no held-out phrasing can reach a gradient."""
     if rng.random() < PERTURBED_SHARE:
         task = replace(task, prompt=perturbed_phrase(task.form, task.lang, dict(task.slots), rng))
         assert not is_held_out(task.form, task.lang, task.prompt, dict(task.slots)), f"'{task.prompt}' is held out"
