@@ -159,7 +159,7 @@ def test_held_out_phrasings_never_reach_a_training_batch(monkeypatch):
     # every question of a row was worded by the training path: a training phrasing, or one edited once
     assert {task.prompt for task in worded} | {prompt for _, _, prompt, _ in perturbed} == asked
     assert {task.split for task in worded} == {"train"} and len(asked) > 300
-    assert 0.2 < len(perturbed) / (len(perturbed) + len(worded)) < 0.4  # PERTURBED_SHARE
+    assert 0.4 < len(perturbed) / (len(perturbed) + len(worded)) < 0.6  # PERTURBED_SHARE
     for form, lang, prompt, slots in perturbed:
         assert prompt not in {template.format(**slots) for template in PHRASINGS[form][lang].held_out}
     # The training path itself refuses a held-out wording, as TrainScenes refuses a test seed.

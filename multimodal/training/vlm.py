@@ -66,7 +66,7 @@ BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn bef
 CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 DRAWN_LOOK_SHARE = 0.5  # of those, shown with the painter's faults (`drawn_look`), as the VLM sees its drawings
-PERTURBED_SHARE = 0.3  # questions edited one to three times (a splice, a filler word, a wrapper) for unseen wordings
+PERTURBED_SHARE = 0.5  # questions edited one to three times (a splice, a filler word, a wrapper) for unseen wordings
 CHINESE_SHARE = 0.6  # rows asked in Chinese: its follow-ups and unseen wordings trail the English ones
 
 
