@@ -15,7 +15,8 @@ ASSETS_DIR = Path(__file__).resolve().parent
 # What the embedded models know, said by the CLI, the demo and the README.
 EMBEDDED_LIMITS = ("The embedded models know only the EmojiScenes world: 77 OpenMoji classes (animals, hats and "
                    "glasses, food, vehicles, plants, things) on simple backgrounds; `multimodal scene` shows one. "
-                   "They are not for photos: pass --checkpoint with a real CogVLM or GLM-4V checkpoint for those.")
+                   "They are not for photos: pass --checkpoint with a real CogVLM or GLM-4V checkpoint for those. "
+                   "Keep one language within a conversation: the embedded VLM learned conversations in one.")
 DRAWING_LIMITS = ("The embedded text-to-image model draws one or two of 24 objects (12 animals, 12 others) at 64x64, "
                   "an animal wearing a hat, a crown or glasses, two side by side or stacked, on a plain named "
                   "background colour, from English or Chinese prompts in the world's wording: \"a dog with a hat\", "
