@@ -402,20 +402,26 @@ def test_follow_up_rows_hold_the_image_once_then_the_earlier_turns_then_the_answ
         after)
 
 
-def test_about_half_of_the_earlier_turns_end_in_a_caption_request():
+def test_about_half_of_the_earlier_turns_end_in_a_caption_request_and_a_fifth_are_in_the_other_language():
     import random
 
-    from multimodal.training.vlm import CAPTION_LEAD_SHARE, MAX_EARLIER_TURNS, earlier_turns
+    from multimodal.evaluation import in_language
+    from multimodal.training.vlm import CAPTION_LEAD_SHARE, MAX_EARLIER_TURNS, SWITCHED_LANGUAGE_SHARE, earlier_turns
 
     rng = random.Random(5)
     scenes = [make_scene(seed) for seed in split_seeds("train", 12)]
-    ends_in_caption, counts = [], []
+    ends_in_caption, counts, switched = [], [], []
     for index in range(600):
         scene = scenes[index % len(scenes)]
         task = rng.choice([t for t in scene_tasks(scene) if t.kind in ("vqa", "refer")])
-        captions = {t.answer for t in scene_tasks(scene) if t.kind == "caption" and t.lang == task.lang}
         history = earlier_turns(scene, task, rng)
         assert 1 <= len(history) <= MAX_EARLIER_TURNS
+        languages = {in_language(question, "zh") for question, _ in history}
+        assert len(languages) == 1  # one language for all earlier turns, each answer in its question's
+        assert all(in_language(answer, "zh") in (languages | {None}) for _, answer in history)
+        history_lang = "zh" if languages == {True} else "en"
+        switched.append(history_lang != task.lang)
+        captions = {t.answer for t in scene_tasks(scene) if t.kind == "caption" and t.lang == history_lang}
         answers = [answer for _, answer in history]
         ends_in_caption.append(answers[-1] in captions)
         if answers[-1] in captions:
@@ -423,6 +429,7 @@ def test_about_half_of_the_earlier_turns_end_in_a_caption_request():
             assert not any(answer in captions for answer in answers[:-1])  # one caption, the turn just before
     share = sum(ends_in_caption) / len(ends_in_caption)
     assert CAPTION_LEAD_SHARE - 0.07 < share < CAPTION_LEAD_SHARE + 0.1  # plus the captions drawn among the others
+    assert abs(sum(switched) / len(switched) - SWITCHED_LANGUAGE_SHARE) < 0.05
     assert set(counts) == set(range(1, MAX_EARLIER_TURNS + 1))  # alone, or after other turns
 
 
@@ -492,21 +499,26 @@ def test_length_groups_cut_sorted_rows_where_padding_is_least():
         assert padded == best
 
 
-def test_rows_are_asked_in_chinese_at_the_chinese_share_and_histories_keep_the_language():
+def test_rows_are_asked_in_chinese_at_the_chinese_share_and_some_histories_in_the_other_language():
     import random
 
-    from multimodal.training.vlm import CHINESE_SHARE, TASK_WEIGHTS, sample_conversation
+    from multimodal.training.vlm import CHINESE_SHARE, SWITCHED_LANGUAGE_SHARE, TASK_WEIGHTS, sample_conversation
 
     rng = random.Random(11)
     scenes = [make_scene(seed) for seed in split_seeds("train", 12)]
-    languages = []
+    languages, switched = [], []
     for index in range(800):
         task, history = sample_conversation(scenes[index % len(scenes)], list(TASK_WEIGHTS)[index % 4], rng)
         languages.append(task.lang)
         chinese_turns = [any("\u4e00" <= ch <= "\u9fff" for ch in question) for question, _ in history]
-        assert all(chinese_turns) if task.lang == "zh" else not any(chinese_turns)
+        if len(set(chinese_turns)) > 1:  # earlier turns, then the question a back-reference follows up on
+            assert chinese_turns[-1] == (task.lang == "zh") and len(set(chinese_turns[:-1])) == 1
+            chinese_turns = chinese_turns[:-1]
+        if history:
+            switched.append(chinese_turns[0] != (task.lang == "zh"))
     share = languages.count("zh") / len(languages)
     assert CHINESE_SHARE - 0.05 < share < CHINESE_SHARE + 0.05
+    assert SWITCHED_LANGUAGE_SHARE - 0.08 < sum(switched) / len(switched) < SWITCHED_LANGUAGE_SHARE + 0.05
 
 
 def test_a_row_that_would_outgrow_the_context_drops_its_oldest_earlier_turns():

@@ -64,6 +64,7 @@ WARMUP_SAMPLES, SHORT_WARMUP_SAMPLES = 3200, 1600  # the vision stage's warmup; 
 FOLLOW_UP_SHARE, MAX_EARLIER_TURNS = 0.4, 3  # vision-stage questions asked after earlier turns, and how many at most
 BACK_REFERENCE_SHARE = 0.15  # refer and vqa rows that follow up on the turn before ("What is it wearing?")
 CAPTION_LEAD_SHARE = 0.5  # follow-up rows whose turn just before is a caption request: the longest usual context
+SWITCHED_LANGUAGE_SHARE = 0.2  # follow-up rows whose earlier turns are in the other language, as a bilingual user asks
 DRAWING_SHARE = 0.2  # vision-stage scenes from the drawing world
 DRAWN_LOOK_SHARE = 0.5  # of those, shown with the painter's faults (`drawn_look`), as the VLM sees its drawings
 PERTURBED_SHARE = 0.5  # questions edited one to three times (a splice, a filler word, a wrapper) for unseen wordings
@@ -153,11 +154,13 @@ def sample_conversation(scene: Scene, kind: str, rng: random.Random) -> tuple[Ta
 
 def earlier_turns(scene: Scene, task: Task, rng: random.Random,
                   at_most: int = MAX_EARLIER_TURNS) -> tuple[tuple[str, str], ...]:
-    """One to `at_most` earlier (question, answer) turns about the same scene in the task's language, in training
-    phrasings, so the model learns to answer a question that comes after others (the image stays in the first
-    turn). With `CAPTION_LEAD_SHARE` the last of them asks for a caption."""
+    """One to `at_most` earlier (question, answer) turns about the same scene in training phrasings, so the model
+    learns to answer a question that comes after others (the image stays in the first turn): in the task's language,
+    or with `SWITCHED_LANGUAGE_SHARE` all in the other one, so that the answer follows its own question's language
+    rather than the conversation's. With `CAPTION_LEAD_SHARE` the last of them asks for a caption."""
+    lang = task.lang if rng.random() >= SWITCHED_LANGUAGE_SHARE else {"en": "zh", "zh": "en"}[task.lang]
     options = [t for t in scene_tasks(scene)  # grounded captions are long: the context holds three earlier turns
-               if t.lang == task.lang and t.kind not in ("draw", "grounded_caption")
+               if t.lang == lang and t.kind not in ("draw", "grounded_caption")
                and (t.form, t.slots) != (task.form, task.slots)]
     captions = [t for t in options if t.kind == "caption"]
     # A scene has one caption form per language among dozens of questions: without this share a question rarely
